@@ -1,0 +1,346 @@
+"""Typed configuration: hydra-zen dataclasses, config groups and named experiments.
+
+The base :class:`Config` is the MS1 study's shared setting (the cards' "same
+everything"): `unet_cifar32` at 64 base channels, T = 1000, Adam lr 1e-4,
+batch 4, AMP, grad clip 1.0, EMA 0.999, seed 1077, logging every 500 steps,
+16 Hutchinson probes. A named experiment overrides only what differs, so
+``e9b`` reads as "cosine + Min-SNR γ=5, 10k steps, curvature on".
+
+Groups (choose with ``GROUP=OPTION`` on the command line):
+model (unet_cifar32, unet_tiny), diffusion (linear, cosine), loss (uniform, minsnr),
+data (digits, cifar10), optim/train/sampling/eval/curvature (default).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra_zen import ZenStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from fastdiff.diffusion import BETA_SCHEDULES, WEIGHTINGS
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one line before any work starts."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet_cifar32"
+    base_channels: int = 64
+    dropout: float = 0.1
+    kernels: str = "torch"  # "torch" reference ops; "triton" for fastdiff.kernels on CUDA
+
+
+@dataclass
+class DiffusionConfig:
+    beta_schedule: str = "linear"
+    T: int = 1000
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "uniform"
+    minsnr_gamma: float = 5.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 10_000
+    batch_size: int = 4  # per process
+    amp: bool = True  # bf16 autocast on CUDA where supported, fp16 + scaler otherwise; fp32 on CPU
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 1077
+    log_every: int = 500
+    ckpt_every: int = 2000
+    keep_checkpoints: int = 3
+    compile: bool = False
+    resume: str | None = None  # a checkpoint file, or a run dir (its latest checkpoint)
+    runs_root: str = "runs"
+    run_dir: str | None = None  # default: <runs_root>/<experiment>/<timestamp>
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    path: str | None = None  # cifar10: the extracted cifar-10-batches-py folder or its .tar.gz
+    image_size: int = 32
+    hflip: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    grid_sampler: str = "ddim"
+    grid_nfe: int = 20
+    grid_images: int = 64
+    grid_every: int = 2000
+    seed: int = 0  # the sampling stream: grids of every run start from the same noise
+    ddpm_variance: str = "posterior"  # "posterior" (β̃) or "beta" (β)
+
+
+@dataclass
+class EvalConfig:
+    fid: bool = False  # FID arrives with the torch-fidelity evaluation; off until then
+    sampler: str = "ddpm"
+    nfe: int = 50
+    milestone_every: int = 2000
+    milestone_samples: int = 5000
+    final_samples: int = 10_000
+
+
+@dataclass
+class CurvatureConfig:
+    enabled: bool = False
+    probes: int = 16
+    batch_size: int = 4
+    every: int | None = None  # default: train.log_every
+
+
+GROUP_DEFAULTS = {
+    "model": "unet_cifar32", "diffusion": "linear", "loss": "uniform", "optim": "default",
+    "train": "default", "data": "cifar10", "sampling": "default", "eval": "default",
+    "curvature": "default",
+}
+
+
+@dataclass
+class Config:
+    defaults: list[Any] = field(default_factory=lambda: [
+        "_self_", *({g: o} for g, o in GROUP_DEFAULTS.items()), {"experiment": None}])
+    experiment: str = "custom"
+    model: ModelConfig = MISSING
+    diffusion: DiffusionConfig = MISSING
+    loss: LossConfig = MISSING
+    optim: OptimConfig = MISSING
+    train: TrainConfig = MISSING
+    data: DataConfig = MISSING
+    sampling: SamplingConfig = MISSING
+    eval: EvalConfig = MISSING
+    curvature: CurvatureConfig = MISSING
+
+
+# ---------------------------------------------------------------- experiments
+# name -> (one-line description, overrides relative to the base Config).
+# Group choices go under "defaults" as Hydra overrides; everything else is merged.
+_E5 = {"defaults": [], "train": {"total_steps": 10_000}, "curvature": {"enabled": True},
+       "eval": {"sampler": "ddpm", "nfe": 50}}
+_E9A = {"defaults": [{"override /diffusion": "cosine"}], "train": {"total_steps": 10_000},
+        "curvature": {"enabled": True}}
+_MINSNR = {"defaults": [{"override /loss": "minsnr"}], "loss": {"minsnr_gamma": 5.0}}
+
+
+def _derive(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if key == "defaults":
+            out["defaults"] = out.get("defaults", []) + value
+        elif isinstance(value, dict):
+            out[key] = {**out.get(key, {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+EXPERIMENTS: dict[str, tuple[str, dict]] = {
+    "quickstart": ("tiny UNet on the embedded digits, 16x16, ~5 min on 2 CPU cores", {
+        "defaults": [{"override /model": "unet_tiny"}, {"override /data": "digits"}],
+        "data": {"image_size": 16},
+        "optim": {"lr": 3e-4},
+        "train": {"total_steps": 2000, "batch_size": 32, "ema_decay": 0.995, "log_every": 100,
+                  "ckpt_every": 1000},
+        "sampling": {"grid_every": 1000},
+    }),
+    "e1": ("MS1 W1-E1: vanilla eps-MSE, linear beta, 10k steps",
+           {"defaults": [], "train": {"total_steps": 10_000}}),
+    "e2": ("MS1 W1-E2: Min-SNR gamma=5, linear beta, 50k steps",
+           _derive(_MINSNR, {"train": {"total_steps": 50_000}})),
+    "e5": ("MS1 W1-E5: vanilla eps-MSE, linear beta, Hutchinson trace, 10k, NFE 50", _E5),
+    "e6": ("MS1 W1-E6: Min-SNR gamma=5, linear beta, Hutchinson trace, 10k, NFE 50",
+           _derive(_E5, _MINSNR)),
+    "e9a": ("MS1 e9a: vanilla eps-MSE, cosine beta, 10k", _E9A),
+    "e9b": ("MS1 e9b: Min-SNR gamma=5, cosine beta, 10k", _derive(_E9A, _MINSNR)),
+}
+
+# Where each experiment lives as YAML (the paths the cards name).
+EXPERIMENT_FILES = {
+    "quickstart": "configs/quickstart.yaml",
+    "e1": "configs/study/MS1_min_snr/e1/e1_baseline_linear_10k.yaml",
+    "e2": "configs/study/MS1_min_snr/e2/e2_minsnr_linear_gamma5_50k.yaml",
+    "e5": "configs/study/MS1_min_snr/e5/e5_baseline_linear_hutch_trace_10k_50nfe.yaml",
+    "e6": "configs/study/MS1_min_snr/e6/e6_minsnr_linear_hutch_trace_10k_50nfe.yaml",
+    "e9a": "configs/study/MS1_min_snr/e9/e9a_baseline_cosine_10k.yaml",
+    "e9b": "configs/study/MS1_min_snr/e9/e9b_minsnr_cosine_gamma5_10k.yaml",
+}
+
+
+def experiment_node(name: str) -> dict:
+    """The experiment as a Hydra node (package _global_), with its name recorded."""
+    node = copy.deepcopy(EXPERIMENTS[name][1])
+    node["defaults"] = ["_self_", *node.get("defaults", [])]
+    node["experiment"] = name
+    return node
+
+
+def build_store() -> ZenStore:
+    # Nodes are stored as they are (dataclasses, dicts): no `_target_` wrappers.
+    store = ZenStore("fastdiff", overwrite_ok=True)(to_config=lambda node: node)
+    store(Config, name="fastdiff")
+    groups = {
+        "model": {"unet_cifar32": ModelConfig(),
+                  "unet_tiny": ModelConfig(name="unet_tiny", base_channels=32)},
+        "diffusion": {s: DiffusionConfig(beta_schedule=s) for s in BETA_SCHEDULES},
+        "loss": {w: LossConfig(weighting=w) for w in WEIGHTINGS},
+        "data": {"digits": DataConfig(),
+                 "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True)},
+        "optim": {"default": OptimConfig()}, "train": {"default": TrainConfig()},
+        "sampling": {"default": SamplingConfig()}, "eval": {"default": EvalConfig()},
+        "curvature": {"default": CurvatureConfig()},
+    }
+    for group, options in groups.items():
+        for name, node in options.items():
+            store(node, group=group, name=name)
+    for name in EXPERIMENTS:
+        store(experiment_node(name), group="experiment", name=name, package="_global_")
+    return store
+
+
+# ------------------------------------------------------------------- the CLI side
+def overrides_from_yaml(path: str | Path) -> list[str]:
+    """An experiment YAML file -> Hydra overrides (group choices + dotted keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
+    node = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for entry in node.pop("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                out.append(f"{key.removeprefix('override /')}={value}")
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out.append(f"{prefix[:-1]}={'null' if value is None else value}")
+    walk("", node)
+    return out
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """Compose the config from the store and Hydra overrides; errors become ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    for o in overrides:
+        if o.startswith("experiment=") and o.split("=", 1)[1] not in EXPERIMENTS:
+            raise ConfigError(f"unknown experiment {o.split('=', 1)[1]!r}: "
+                              f"choose one of {', '.join(EXPERIMENTS)}")
+    build_store().add_to_hydra_store(overwrite_ok=True)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize(version_base="1.3", config_path=None):
+            return hydra_compose("fastdiff", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"bad override: {first}") from None
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The typed Config object, after checking every value (one-line errors)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"missing value: {str(err).splitlines()[0]}") from None
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    from fastdiff.sampling import SAMPLERS
+    from fastdiff.unet import MODELS
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.model.name in MODELS, f"unknown model.name {cfg.model.name!r}: use one of "
+         f"{', '.join(MODELS)}")
+    need(cfg.model.kernels in ("torch", "triton"),
+         f"model.kernels must be 'torch' or 'triton', got {cfg.model.kernels!r}")
+    need(cfg.diffusion.beta_schedule in BETA_SCHEDULES,
+         f"unknown diffusion.beta_schedule {cfg.diffusion.beta_schedule!r}: use one of "
+         f"{', '.join(BETA_SCHEDULES)}")
+    need(cfg.diffusion.T > 0, f"diffusion.T must be > 0, got {cfg.diffusion.T}")
+    need(cfg.loss.weighting in WEIGHTINGS, f"unknown loss.weighting {cfg.loss.weighting!r}: "
+         f"use one of {', '.join(WEIGHTINGS)}")
+    need(cfg.loss.minsnr_gamma > 0, f"loss.minsnr_gamma must be > 0, got {cfg.loss.minsnr_gamma}")
+    need(cfg.optim.name == "adam", f"optim.name must be 'adam', got {cfg.optim.name!r}")
+    need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+        value = getattr(cfg.train, key)
+        need(value > 0, f"train.{key} must be a positive integer, got {value}")
+    need(0 <= cfg.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got "
+         f"{cfg.train.ema_decay}")
+    need(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got "
+         f"{cfg.train.grad_clip}")
+    need(cfg.data.name in ("digits", "cifar10"),
+         f"unknown data.name {cfg.data.name!r}: use data=digits or data=cifar10")
+    need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
+    if cfg.data.name == "cifar10":
+        where = "is not set" if cfg.data.path is None else f"={cfg.data.path} does not exist"
+        need(cfg.data.path is not None and Path(cfg.data.path).exists(),
+             f"data=cifar10 needs data.path, which {where}: point it at the extracted "
+             "cifar-10-batches-py folder or cifar-10-python.tar.gz (from the CIFAR-10 page, "
+             "python version), or use data=digits")
+    for key in ("grid_sampler", "sampler"):
+        name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
+        need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    for key, nfe in (("sampling.grid_nfe", cfg.sampling.grid_nfe), ("eval.nfe", cfg.eval.nfe)):
+        need(1 <= nfe <= cfg.diffusion.T, f"{key} must be in [1, T={cfg.diffusion.T}], got {nfe}")
+    need(cfg.sampling.grid_images > 0 and cfg.sampling.grid_every > 0,
+         "sampling.grid_images and sampling.grid_every must be > 0")
+    need(cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
+         "curvature.probes and curvature.batch_size must be > 0")
+    need(not cfg.eval.fid, "eval.fid=true needs the FID evaluation, which this build does "
+         "not have yet: set eval.fid=false")
+    if cfg.train.resume is not None:
+        need(Path(cfg.train.resume).exists(), f"train.resume={cfg.train.resume} does not exist: "
+             "pass a checkpoint file or a run directory")
+
+
+def flat(cfg: Config) -> dict[str, Any]:
+    """The config as a flat {"group.key": value} dict (for TensorBoard's hparams)."""
+    node = OmegaConf.structured(cfg)
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k != "defaults":
+                    walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", OmegaConf.to_container(node))
+    return out

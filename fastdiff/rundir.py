@@ -1,0 +1,117 @@
+"""The run directory and everything written into it, never half-written.
+
+    runs/<experiment>/<run id>/
+        config.yaml       resolved config
+        metrics.jsonl     one JSON object per event: {"step": s, "train/loss": ..., ...}
+        events.*          TensorBoard
+        checkpoints/      step_0001000.pt ...
+        samples/          grid_0001000.png ...
+        summary.json      final metrics, wall time, images/s
+
+Every file is written to a temporary name in the same folder and renamed into
+place, so a crash never leaves a truncated checkpoint, grid or summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_torch(obj, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def new_run_dir(runs_root: str, experiment: str) -> Path:
+    base = Path(runs_root) / experiment / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def config_yaml(cfg) -> str:
+    node = OmegaConf.to_container(OmegaConf.structured(cfg))
+    node.pop("defaults", None)
+    return OmegaConf.to_yaml(node)
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"))
+
+
+def resolve_checkpoint(resume: str) -> Path:
+    """A checkpoint file, or a run directory's latest checkpoint."""
+    path = Path(resume)
+    if path.is_dir():
+        found = checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"train.resume={resume} has no checkpoints/step_*.pt")
+        return found[-1]
+    return path
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard, written by the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
+                 hparams: Callable[[], dict] | None = None):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Drop what the interrupted run logged past its last checkpoint.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            write_text(self.path, "".join(f"{line}\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir), purge_step=resume_step)
+        if hparams is not None and resume_step is None:
+            self.tb.add_text("config", json.dumps(hparams(), indent=1, default=str))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) if isinstance(v, float)
+                                else v for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,292 @@
+"""The training loop: step → clip → optimizer → EMA → periodic work.
+
+Periodic work (log, probe, grid, checkpoint) is a short list of calls at the
+bottom of the loop. The loss is read on the host only at the log cadence;
+between logs it accumulates on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from fastdiff.config import Config, flat
+from fastdiff.curvature import CurvatureProbe
+from fastdiff.data import DeviceBatches, load_images
+from fastdiff.diffusion import Schedule, eps_loss
+from fastdiff.ema import EMA
+from fastdiff.rundir import (
+    MetricsLog,
+    checkpoints,
+    config_yaml,
+    new_run_dir,
+    resolve_checkpoint,
+    save_torch,
+    write_text,
+)
+from fastdiff.sampling import sample
+from fastdiff.seeding import stream_generator, stream_seed
+from fastdiff.unet import build_model
+
+log = logging.getLogger("fastdiff")
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """bf16 autocast on CUDA where supported, fp16 + grad scaler otherwise, fp32 on CPU."""
+    precision = "no"
+    if cfg.train.amp and torch.cuda.is_available():
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+
+
+def draw_t_noise(seed: int, step: int, rank: int, batch: int, shape, T: int, device):
+    """Timesteps (B,) and noise (B, C, H, W) of one step, from their own streams."""
+    gen_device = device if device.type == "cuda" else "cpu"
+    g = stream_generator(seed, "timesteps", step, rank, device=gen_device)
+    t = torch.randint(0, T, (batch,), generator=g, device=gen_device)
+    g = stream_generator(seed, "noise", step, rank, device=gen_device)
+    noise = torch.randn((batch, *shape), generator=g, device=gen_device)
+    return t.to(device), noise.to(device)
+
+
+@dataclass
+class Window:
+    """Device-side sums since the last log; read (one host sync) at the log cadence."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    grad_norm: torch.Tensor
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0  # seconds of periodic work inside the window
+
+    @classmethod
+    def new(cls, device) -> Window:
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.acc = make_accelerator(cfg)
+        self.device = self.acc.device
+        torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
+
+        # Data first: a missing or unreadable data set fails before anything is written.
+        images = load_images(cfg.data.name, cfg.data.path, cfg.data.image_size)
+        self.image_shape = tuple(images.shape[1:])
+        self.batches = DeviceBatches(images, cfg.train.batch_size, cfg.train.seed,
+                                     rank=self.acc.process_index,
+                                     world_size=self.acc.num_processes, hflip=cfg.data.hflip,
+                                     device=self.device)
+
+        self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.float().to(self.device)
+        self.weights = self.schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma)
+        self.weights = self.weights.float().to(self.device)
+
+        model = build_model(cfg.model.name, cfg.model.base_channels, cfg.model.dropout,
+                            cfg.data.image_size).to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.ema = EMA(model, cfg.train.ema_decay)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                               betas=(cfg.optim.beta1, cfg.optim.beta2),
+                               weight_decay=cfg.optim.weight_decay)
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.forward = torch.compile(self.model) if cfg.train.compile else self.model
+
+        self.start_step = 0
+        resume = resolve_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        self.run_dir = self._run_dir(resume)
+        if resume is not None:
+            self.start_step = self._load(resume)
+        if self.acc.is_main_process:
+            write_text(self.run_dir / "config.yaml", config_yaml(cfg))
+        self.metrics = MetricsLog(self.run_dir, self.acc.is_main_process,
+                                  self.start_step if resume else None, lambda: flat(cfg))
+        self.probe = self._make_probe(images) if cfg.curvature.enabled else None
+
+    # ----------------------------------------------------------------- set-up
+    def _run_dir(self, resume: Path | None) -> Path:
+        cfg = self.cfg
+        if resume is not None:
+            path = resume.parent.parent
+        elif cfg.train.run_dir:
+            path = Path(cfg.train.run_dir)
+        else:
+            path = new_run_dir(cfg.train.runs_root, cfg.experiment)
+        shared = [str(path)]
+        broadcast_object_list(shared)  # every rank writes into rank 0's directory
+        return Path(shared[0])
+
+    def _make_probe(self, images: torch.Tensor) -> CurvatureProbe:
+        cfg = self.cfg
+        n = cfg.curvature.batch_size
+        g = stream_generator(cfg.train.seed, "probe")
+        idx = torch.randperm(images.shape[0], generator=g)[:n]
+        x0 = (images[idx].float() / 127.5 - 1).to(self.device)
+        t = torch.randint(0, cfg.diffusion.T, (n,), generator=g).to(self.device)
+        noise = torch.randn((n, *self.image_shape), generator=g).to(self.device)
+        log.info("curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, "
+                 "fp32, every %d steps", cfg.curvature.probes, n, self._probe_every)
+        return CurvatureProbe(x0, t, noise, self.alphas_cumprod, self.weights,
+                              cfg.curvature.probes, stream_generator(cfg.train.seed, "probe-v"))
+
+    @property
+    def _probe_every(self) -> int:
+        return self.cfg.curvature.every or self.cfg.train.log_every
+
+    # ------------------------------------------------------------------- step
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, rank = self.cfg, self.acc.process_index
+        x0 = self.batches.batch(step)
+        t, noise = draw_t_noise(cfg.train.seed, step, rank, x0.shape[0], self.image_shape,
+                                cfg.diffusion.T, self.device)
+        torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
+        with self.acc.autocast():
+            per_sample = eps_loss(self.forward, x0, t, noise, self.alphas_cumprod, self.weights)
+        loss = per_sample.mean()
+        self.acc.backward(loss)
+        if cfg.train.grad_clip > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        else:
+            grad_norm = torch.zeros((), device=self.device)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.acc.unwrap_model(self.model))
+        mse = (per_sample.detach() / self.weights[t]).mean()
+        return loss.detach(), mse, grad_norm.detach().float()
+
+    # ------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        total = cfg.train.total_steps
+        if self.acc.is_main_process:
+            log.info("run dir %s | %s | %.2fM params | %s x%d | %s", self.run_dir, cfg.experiment,
+                     self.n_params / 1e6, self.device, self.acc.num_processes,
+                     self.acc.mixed_precision)
+        bar = tqdm(total=total, initial=self.start_step, desc=cfg.experiment, unit="step",
+                   disable=not (cfg.train.progress and self.acc.is_main_process))
+        wall_start, train_seconds, images_seen = time.perf_counter(), 0.0, 0
+        window = Window.new(self.device)
+        last: dict[str, float] = {}
+        for step in range(self.start_step, total):
+            loss, mse, grad_norm = self.train_step(step)
+            window.loss += loss
+            window.mse += mse
+            window.grad_norm += grad_norm
+            window.steps += 1
+            bar.update()
+            done = step + 1
+
+            if done % cfg.train.log_every == 0 or done == total:
+                last, seconds = self._log(done, window)
+                train_seconds += seconds
+                images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
+                bar.set_postfix(loss=f"{last['train/loss']:.4f}",
+                                img_s=f"{last['perf/images_per_sec']:.0f}")
+                window = Window.new(self.device)
+            for every, job in self._periodic():
+                if done % every == 0 or done == total:
+                    t0 = time.perf_counter()
+                    job(done)
+                    window.excluded += time.perf_counter() - t0
+        bar.close()
+        summary = {**last, "step": total, "experiment": cfg.experiment,
+                   "wall_time_s": time.perf_counter() - wall_start,
+                   "train_time_s": train_seconds,
+                   "images_per_sec": images_seen / train_seconds if train_seconds else None,
+                   "params": self.n_params, "device": str(self.device),
+                   "processes": self.acc.num_processes}
+        if self.acc.is_main_process:
+            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.metrics.close()
+        self.acc.wait_for_everyone()
+        return summary
+
+    def _periodic(self):
+        jobs = []
+        if self.probe is not None:
+            jobs.append((self._probe_every, self._probe_curvature))
+        jobs += [(self.cfg.sampling.grid_every, self._save_grid),
+                 (self.cfg.train.ckpt_every, self._save_checkpoint)]
+        return jobs
+
+    # -------------------------------------------------------- periodic work
+    def _log(self, step: int, w: Window) -> tuple[dict[str, float], float]:
+        sums = torch.stack([w.loss, w.mse, w.grad_norm]) / w.steps
+        sums = self.acc.reduce(sums, reduction="mean")  # the host sync of this window
+        loss, mse, grad_norm = sums.tolist()
+        seconds = time.perf_counter() - w.start - w.excluded
+        images = w.steps * self.cfg.train.batch_size * self.acc.num_processes
+        metrics = {"train/loss": loss, "train/mse_unweighted": mse, "train/grad_norm": grad_norm,
+                   "train/lr": self.cfg.optim.lr, "perf/images_per_sec": images / seconds,
+                   "perf/seconds_per_step": seconds / w.steps}
+        self.metrics.log(step, metrics)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"train/loss is {loss} at step {step}: the run diverged "
+                                     f"(last checkpoint in {self.run_dir / 'checkpoints'})")
+        return metrics, seconds
+
+    def _probe_curvature(self, step: int) -> None:
+        if self.acc.is_main_process:  # one probe per run: it is a property of the weights
+            self.metrics.log(step, self.probe(self.acc.unwrap_model(self.model)))
+        self.acc.wait_for_everyone()
+
+    def _save_grid(self, step: int) -> None:
+        if not self.acc.is_main_process:
+            return
+        from torchvision.utils import save_image
+
+        cfg = self.cfg.sampling
+        g = stream_generator(cfg.seed, "grid")
+        x = sample(cfg.grid_sampler, self.ema.model, (cfg.grid_images, *self.image_shape),
+                   self.schedule, cfg.grid_nfe, g)
+        x = (x.float().cpu() + 1) / 2
+        if x.shape[-1] < 32:  # small images: upscale so the grid is readable
+            x = torch.nn.functional.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
+        path = self.run_dir / "samples" / f"grid_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        save_image(x, tmp, nrow=int(math.sqrt(cfg.grid_images)), padding=2)
+        tmp.replace(path)
+
+    def _save_checkpoint(self, step: int) -> None:
+        if self.acc.is_main_process:
+            state = {"step": step, "model": self.acc.unwrap_model(self.model).state_dict(),
+                     "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                     "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None,
+                     # Data order, t, noise and dropout are streams keyed by (seed, step):
+                     # the step restores them exactly. The CPU state is kept for anything else.
+                     "rng": {"torch": torch.get_rng_state()},
+                     "config": config_yaml(self.cfg)}
+            save_torch(state, self.run_dir / "checkpoints" / f"step_{step:07d}.pt")
+            for old in checkpoints(self.run_dir)[:-self.cfg.train.keep_checkpoints]:
+                old.unlink()
+        self.acc.wait_for_everyone()
+
+    def _load(self, path: Path) -> int:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.acc.scaler is not None and state.get("scaler"):
+            self.acc.scaler.load_state_dict(state["scaler"])
+        if state["step"] >= self.cfg.train.total_steps:
+            log.warning("checkpoint %s is already at step %d >= train.total_steps", path,
+                        state["step"])
+        log.info("resumed from %s at step %d", path, state["step"])
+        return state["step"]
+
+
+def training_loop(cfg: Config) -> dict:
+    return Trainer(cfg).train()

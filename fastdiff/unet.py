@@ -1,0 +1,174 @@
+"""The DDPM CIFAR-10 UNet (Ho et al. 2020, appendix B) and its named presets.
+
+The network maps (x_t, t) to an output of x_t's shape; what that output means
+(ε) and how the loss weights it live in :mod:`fastdiff.diffusion`.
+
+Layout: a sinusoidal time embedding (Vaswani et al. 2017) through a 2-layer MLP;
+per resolution level ``num_res_blocks`` ResBlocks (GroupNorm → SiLU → conv, the
+time embedding added between the convs, dropout before the second conv) with
+single-head self-attention at the resolutions in ``attn_resolutions``; a
+middle ResBlock–Attention–ResBlock; a mirrored decoder with skip connections.
+The last conv of every residual branch starts at zero so each block starts as
+the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    norm_groups: int = 32
+
+
+# Named presets. `unet_cifar32` is the DDPM CIFAR-10 network (35.7M params at
+# base_channels=128; the cards use 64). `unet_tiny` is for the quickstart and the tests.
+MODELS: dict[str, UNetSpec] = {
+    "unet_cifar32": UNetSpec(ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)),
+    "unet_tiny": UNetSpec(ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                          norm_groups=8),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim) (Transformer §3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """GroupNorm followed by SiLU: the pair every block of this UNet starts with
+    (the seam where the fused kernel of `fastdiff.kernels` plugs in)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(super().forward(x))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = GroupNormSiLU(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = GroupNormSiLU(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H·W positions, through SDPA."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    def __init__(self, spec: UNetSpec, base_channels: int = 64, dropout: float = 0.1,
+                 image_size: int = 32, in_channels: int = 3):
+        super().__init__()
+        ch, g = base_channels, spec.norm_groups
+        if ch % g:
+            raise ValueError(f"model.base_channels={ch} must be a multiple of {g} (GroupNorm groups)")
+        if image_size % 2 ** (len(spec.ch_mult) - 1):
+            raise ValueError(f"image size {image_size} is not divisible by "
+                             f"{2 ** (len(spec.ch_mult) - 1)} (the UNet's downsampling)")
+        temb_ch = 4 * ch
+        self.base_channels = ch
+        self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, cur, res = [ch], ch, image_size
+        for level, mult in enumerate(spec.ch_mult):
+            for _ in range(spec.num_res_blocks):
+                self.down.append(self._block(cur, ch * mult, temb_ch, dropout, g,
+                                             res in spec.attn_resolutions))
+                cur = ch * mult
+                skips.append(cur)
+            if level != len(spec.ch_mult) - 1:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                skips.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout, g), Attention(cur, g),
+                                  ResBlock(cur, cur, temb_ch, dropout, g)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(spec.ch_mult))):
+            for _ in range(spec.num_res_blocks + 1):
+                self.up.append(self._block(cur + skips.pop(), ch * mult, temb_ch, dropout, g,
+                                           res in spec.attn_resolutions))
+                cur = ch * mult
+            if level != 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(cur, cur, 3, padding=1)))
+                res *= 2
+
+        self.out = nn.Sequential(GroupNormSiLU(g, cur), _zero(nn.Conv2d(cur, in_channels, 3,
+                                                                         padding=1)))
+
+    @staticmethod
+    def _block(in_ch, out_ch, temb_ch, dropout, groups, attn: bool) -> nn.Module:
+        res = ResBlock(in_ch, out_ch, temb_ch, dropout, groups)
+        return nn.ModuleList([res, Attention(out_ch, groups)]) if attn else nn.ModuleList([res])
+
+    @staticmethod
+    def _run(layer: nn.Module, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, nn.ModuleList):  # ResBlock [+ Attention]
+            h = layer[0](h, temb)
+            return layer[1](h) if len(layer) > 1 else h
+        return layer(h)  # down/upsampling
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.base_channels))  # (B, 4ch)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = self._run(layer, h, temb)
+            hs.append(h)
+        h = self.mid[0](h, temb)
+        h = self.mid[2](self.mid[1](h), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(layer, h, temb)
+        return self.out(h)
+
+
+def build_model(name: str, base_channels: int, dropout: float, image_size: int) -> UNet:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
+    return UNet(MODELS[name], base_channels, dropout, image_size)
