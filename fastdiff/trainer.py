@@ -194,6 +194,9 @@ class Trainer:
                 images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}",
                                 img_s=f"{last['perf/images_per_sec']:.0f}")
+                if bar.disable and self.acc.is_main_process:
+                    log.info("step %d/%d  train/loss %.4f  %.0f img/s", done, total,
+                             last["train/loss"], last["perf/images_per_sec"])
                 window = Window.new(self.device)
             for every, job in self._periodic():
                 if done % every == 0 or done == total:

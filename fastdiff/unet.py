@@ -101,7 +101,8 @@ class UNet(nn.Module):
         super().__init__()
         ch, g = base_channels, spec.norm_groups
         if ch % g:
-            raise ValueError(f"model.base_channels={ch} must be a multiple of {g} (GroupNorm groups)")
+            raise ValueError(f"model.base_channels={ch} must be a multiple of {g} "
+                             "(the GroupNorm groups)")
         if image_size % 2 ** (len(spec.ch_mult) - 1):
             raise ValueError(f"image size {image_size} is not divisible by "
                              f"{2 ** (len(spec.ch_mult) - 1)} (the UNet's downsampling)")

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny(tmp_path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run: 8x8 digits, unet_tiny at 16 channels."""
+    return ["model=unet_tiny", "model.base_channels=16", "data=digits", "data.image_size=8",
+            "train.batch_size=4", "train.total_steps=6", "train.log_every=2",
+            "train.ckpt_every=3", "train.progress=false", "sampling.grid_images=4",
+            "sampling.grid_nfe=2", "sampling.grid_every=1000", f"train.runs_root={tmp_path}",
+            *extra]

@@ -1,0 +1,94 @@
+"""Respacing and the samplers, checked with an exact ε oracle."""
+
+import pytest
+import torch
+
+from fastdiff.diffusion import Schedule
+from fastdiff.sampling import ddim_sample, ddpm_sample, respace, sample, to_uint8
+
+
+def test_respace_with_nfe_equal_T_is_the_original_chain():
+    sched = Schedule.make("linear", 100)
+    timesteps, ac = respace(sched, 100)
+    assert timesteps.tolist() == list(range(100))
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    torch.testing.assert_close(1 - ac / ac_prev, sched.betas, rtol=1e-10, atol=1e-12)
+
+
+def test_respace_spacing_and_marginals():
+    sched = Schedule.make("cosine", 1000)
+    timesteps, ac = respace(sched, 10)
+    assert timesteps[0].item() == 0 and timesteps[-1].item() == 999
+    gaps = torch.diff(timesteps)
+    assert gaps.min() >= 110 and gaps.max() <= 111
+    # The respaced chain keeps the marginals: ᾱ'_i == ᾱ_{τ_i}.
+    full = torch.cumprod(1 - sched.betas, 0)
+    torch.testing.assert_close(ac, full[timesteps])
+
+
+@pytest.mark.parametrize("nfe", [0, 1001])
+def test_respace_rejects_bad_nfe(nfe):
+    with pytest.raises(ValueError, match="nfe"):
+        respace(Schedule.make("linear", 1000), nfe)
+
+
+class Oracle(torch.nn.Module):
+    """The exact ε-predictor when the data distribution is a single point x*:
+    ε̂(x_t, t) = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t)."""
+
+    def __init__(self, target, alphas_cumprod):
+        super().__init__()
+        self.register_buffer("target", target)
+        self.ac = alphas_cumprod.float()
+        self.w = torch.nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.calls = 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        a = self.ac[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * self.target) / (1 - a).sqrt()
+
+
+@pytest.mark.parametrize("sampler", [ddpm_sample, ddim_sample])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_samplers_recover_a_point_mass(sampler, schedule):
+    sched = Schedule.make(schedule, 1000)
+    target = torch.linspace(-0.8, 0.8, 3 * 4 * 4).view(1, 3, 4, 4)
+    model = Oracle(target, sched.alphas_cumprod)
+    x = sampler(model, (5, 3, 4, 4), sched, 25, torch.Generator().manual_seed(0))
+    assert model.calls == 25
+    torch.testing.assert_close(x, target.expand(5, -1, -1, -1), atol=1e-3, rtol=0)
+
+
+def test_ddim_is_deterministic_and_ddpm_is_not():
+    sched = Schedule.make("linear", 100)
+
+    class Zero(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            return 0.5 * x
+
+    shape = (2, 1, 4, 4)
+    a = sample("ddim", Zero(), shape, sched, 10, torch.Generator().manual_seed(1))
+    b = sample("ddim", Zero(), shape, sched, 10, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    g = torch.Generator().manual_seed(1)
+    c = ddpm_sample(Zero(), shape, sched, 10, g)
+    d = ddpm_sample(Zero(), shape, sched, 10, g)
+    assert not torch.equal(c, d)
+
+
+def test_unknown_sampler_and_variance_raise():
+    sched = Schedule.make("linear", 10)
+    with pytest.raises(ValueError, match="sampler"):
+        sample("euler", None, (1, 1, 2, 2), sched, 5, torch.Generator())
+    with pytest.raises(ValueError, match="variance"):
+        ddpm_sample(None, (1, 1, 2, 2), sched, 5, torch.Generator(), variance="learned")
+
+
+def test_to_uint8_maps_range_endpoints():
+    out = to_uint8(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]))
+    assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 255, 255]

@@ -1,0 +1,108 @@
+"""End to end on tiny settings: run dir, paired runs, exact resume, golden loss curve."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdiff.trainer as trainer_mod
+from fastdiff.config import compose, to_config
+from fastdiff.trainer import training_loop
+from tests.conftest import tiny
+
+GOLDEN = Path(__file__).parent / "assets" / "golden_losses_tiny.json"
+
+
+def run(tmp_path, *overrides):
+    cfg = to_config(compose(tiny(tmp_path, *overrides)))
+    summary = training_loop(cfg)
+    (run_dir,) = [p for p in (tmp_path / cfg.experiment).iterdir()
+                  if cfg.train.run_dir is None] or [Path(cfg.train.run_dir)]
+    return summary, run_dir
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents(tmp_path):
+    summary, run_dir = run(tmp_path, "experiment=e9b", "curvature.probes=2",
+                           "curvature.batch_size=2", "curvature.every=3",
+                           "sampling.grid_every=3")
+    assert run_dir.parent.name == "e9b"
+    assert "beta_schedule: cosine" in (run_dir / "config.yaml").read_text()
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    curv = [r for r in rows if "curvature/hutch_trace_mean" in r]
+    assert [r["step"] for r in curv] == [3, 6] and all("curvature/hutch_trace_std" in r
+                                                       for r in curv)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_0000003.pt", "step_0000006.pt"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "grid_0000003.png", "grid_0000006.png"]
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["step"] == 6 and saved["images_per_sec"] > 0 and saved == summary
+    assert not list(run_dir.rglob(".*.tmp*"))  # nothing half-written left behind
+
+
+def test_paired_runs_see_the_same_batches_timesteps_and_noise(tmp_path, monkeypatch):
+    seen = {}
+    real = trainer_mod.eps_loss
+
+    def spy(model, x0, t, noise, ac, weights):
+        seen.setdefault(key, []).append((x0.clone(), t.clone(), noise.clone(), weights[t]))
+        return real(model, x0, t, noise, ac, weights)
+
+    monkeypatch.setattr(trainer_mod, "eps_loss", spy)
+    for key in ("e9a", "e9b"):
+        run(tmp_path / key, f"experiment={key}", "train.total_steps=4", "curvature.enabled=false")
+    a, b = seen["e9a"], seen["e9b"]
+    assert len(a) == len(b) == 4
+    for (x0a, ta, na, wa), (x0b, tb, nb, _wb) in zip(a, b):
+        assert torch.equal(x0a, x0b) and torch.equal(ta, tb) and torch.equal(na, nb)
+        assert torch.all(wa == 1)
+    assert any(not torch.all(w == 1) for *_, w in b)  # Min-SNR did reweight some steps
+    assert not torch.equal(a[0][0], a[1][0])  # and the batches do change step to step
+
+
+def test_resume_continues_exactly(tmp_path):
+    _, straight = run(tmp_path / "a", "train.total_steps=6")
+    _, first = run(tmp_path / "b", "train.total_steps=3")
+    run(tmp_path / "b", "train.total_steps=6", f"train.resume={first}")
+    a = torch.load(straight / "checkpoints" / "step_0000006.pt", weights_only=False)
+    b = torch.load(first / "checkpoints" / "step_0000006.pt", weights_only=False)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-6, atol=1e-7)
+    def loss_at(run_dir):  # steps 2 and 6 average the same steps in both runs
+        return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+    resumed, uninterrupted = loss_at(first), loss_at(straight)
+    assert sorted(resumed) == [2, 3, 4, 6]
+    for step in (2, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5)
+
+
+def test_golden_loss_curve(tmp_path):
+    """Per-step losses of the tiny preset: catches silent changes to the maths.
+    Regenerate (and say why in the commit) with: python -m tests.test_train"""
+    _, run_dir = run(tmp_path, *GOLDEN_OVERRIDES)
+    losses = [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["overrides"] == GOLDEN_OVERRIDES
+    assert losses == pytest.approx(golden["losses"], rel=1e-3)
+
+
+GOLDEN_OVERRIDES = ["experiment=e9b", "curvature.enabled=false", "train.total_steps=30",
+                    "train.log_every=1", "train.ckpt_every=1000", "optim.lr=1e-3"]
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _, rd = run(Path(tmp), *GOLDEN_OVERRIDES)
+        losses = [r["train/loss"] for r in read_metrics(rd) if "train/loss" in r]
+    GOLDEN.write_text(json.dumps({"overrides": GOLDEN_OVERRIDES, "losses": losses}, indent=1))
+    print(f"wrote {len(losses)} losses to {GOLDEN}")
