@@ -74,6 +74,7 @@ class TrainConfig:
     runs_root: str = "runs"
     run_dir: str | None = None  # default: <runs_root>/<experiment>/<timestamp>
     progress: bool = True
+    report: bool = False  # write a one-run report into <run dir>/report at the end
 
 
 @dataclass
@@ -110,6 +111,8 @@ class CurvatureConfig:
     probes: int = 16
     batch_size: int = 4
     every: int | None = None  # default: train.log_every
+    t_bins: int = 0  # > 0: also a trace per timestep bin (curvature/hutch/t{lo}-{hi}/...)
+    chunk_size: int | None = None  # probes per vmap chunk (None: all at once)
 
 
 GROUP_DEFAULTS = {
@@ -163,7 +166,7 @@ EXPERIMENTS: dict[str, tuple[str, dict]] = {
         "data": {"image_size": 16},
         "optim": {"lr": 3e-4},
         "train": {"total_steps": 2000, "batch_size": 32, "ema_decay": 0.995, "log_every": 100,
-                  "ckpt_every": 1000},
+                  "ckpt_every": 1000, "report": True},
         "sampling": {"grid_every": 1000},
     }),
     "e1": ("MS1 W1-E1: vanilla eps-MSE, linear beta, 10k steps",
@@ -322,11 +325,24 @@ def validate(cfg: Config) -> None:
          "sampling.grid_images and sampling.grid_every must be > 0")
     need(cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
          "curvature.probes and curvature.batch_size must be > 0")
+    need(cfg.curvature.t_bins >= 0, "curvature.t_bins must be >= 0")
     need(not cfg.eval.fid, "eval.fid=true needs the FID evaluation, which this build does "
          "not have yet: set eval.fid=false")
     if cfg.train.resume is not None:
         need(Path(cfg.train.resume).exists(), f"train.resume={cfg.train.resume} does not exist: "
              "pass a checkpoint file or a run directory")
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The typed, checked config a run directory was trained with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a fastdiff run directory (no config.yaml)")
+    node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    node.train.resume = None
+    cfg = OmegaConf.to_object(node)
+    validate(cfg)
+    return cfg
 
 
 def flat(cfg: Config) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.diffusion import eps_mse, q_sample
+from fastdiff.seeding import stream_generator
 
 
 @dataclass
@@ -50,39 +51,141 @@ def hutchinson_trace(loss_fn, params: dict[str, torch.Tensor], probes: int,
     return TraceEstimate(values, values.mean().item(), std, std / probes**0.5)
 
 
+def probe_batch(images: torch.Tensor, n: int, T: int, seed: int,
+                t_range: tuple[int, int] | None = None):
+    """The run's fixed probe batch (x0, t, noise), drawn once from the run's seed.
+
+    Depends only on (images, n, T, seed, t_range), never on the weighting, so the
+    paired runs of a card probe the same batch. ``images``: uint8 (N, C, H, W).
+    """
+    lo, hi = t_range or (0, T)
+    g = stream_generator(seed, "probe", lo, hi)
+    idx = torch.randperm(images.shape[0], generator=g)[:n]
+    x0 = images[idx].float() / 127.5 - 1
+    t = torch.randint(lo, hi, (n,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return x0, t, noise
+
+
 class CurvatureProbe:
-    """The run's fixed probe: weighted ε-MSE on one batch, evaluated on the live model."""
+    """The run's fixed probe: its training loss on one batch, evaluated on the live model.
+
+    The probe vectors are redrawn from the same generator state at every call, so
+    successive measurements differ only through the weights. Dropout is off (eval
+    mode), autocast off (fp32) and attention uses the math backend, which has the
+    forward-over-reverse derivatives that the fused SDPA kernels lack.
+    """
 
     def __init__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, weights: torch.Tensor, probes: int,
-                 seed_generator: torch.Generator, chunk_size: int | None = None):
+                 alphas_cumprod: torch.Tensor, weights: torch.Tensor, probes: int, seed: int,
+                 chunk_size: int | None = None):
         self.x_t = q_sample(x0, t, noise, alphas_cumprod)
         self.t, self.noise = t, noise
         self.weight = weights.to(x0.device)[t].float()
-        self.probes, self.chunk_size = probes, chunk_size
-        self.generator = seed_generator
-        self._gen_state = seed_generator.get_state()
+        self.probes, self.chunk_size, self.seed = probes, chunk_size, seed
 
-    def __call__(self, model: torch.nn.Module, unweighted: bool = False) -> dict[str, float]:
+    def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
         was_training = model.training
-        model.eval()  # dropout off: the probe measures a deterministic function
+        model.eval()
         weight = torch.ones_like(self.weight) if unweighted else self.weight
 
         def loss_fn(params):
             eps = functional_call(model, params, (self.x_t, self.t))
             return eps_mse(eps, self.noise, weight).mean()
 
-        # Same probe vectors every time: curvature differences come from the weights only.
-        self.generator.set_state(self._gen_state)
-        start = time.perf_counter()
+        generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
         try:
             with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.x_t.device.type,
                                                                enabled=False):
-                est = hutchinson_trace(loss_fn, dict(model.named_parameters()), self.probes,
-                                       self.generator, self.chunk_size)
+                return hutchinson_trace(loss_fn, dict(model.named_parameters()), self.probes,
+                                        generator, self.chunk_size)
         finally:
             model.train(was_training)
-        prefix = "curvature/hutch_unweighted_" if unweighted else "curvature/hutch_"
-        return {f"{prefix}trace_mean": est.mean, f"{prefix}trace_std": est.std,
-                f"{prefix}trace_stderr": est.stderr,
-                f"{prefix}seconds": time.perf_counter() - start}
+
+
+class RunProbes:
+    """Everything a run measures at a probe step, under the cards' metric names.
+
+    - ``curvature/hutch_trace_{mean,std,stderr}``: the run's weighted training loss;
+    - ``…_unweighted``: plain ε-MSE on the same batch and vectors, when the run's
+      weighting is not uniform (Min-SNR's weights average below 1, which shrinks the
+      weighted trace even where the landscape is unchanged);
+    - ``curvature/hutch/t{lo}-{hi}/trace_mean``: optional per-timestep-bin traces;
+    - ``curvature/hutch_seconds``: the probe's wall time.
+    """
+
+    def __init__(self, images: torch.Tensor, cfg, alphas_cumprod: torch.Tensor,
+                 weights: torch.Tensor, device):
+        c, T, seed = cfg.curvature, cfg.diffusion.T, cfg.train.seed
+
+        def make(t_range=None):
+            x0, t, noise = probe_batch(images, c.batch_size, T, seed, t_range)
+            return CurvatureProbe(x0.to(device), t.to(device), noise.to(device), alphas_cumprod,
+                                  weights, c.probes, seed, c.chunk_size)
+
+        self.main = make()
+        self.unweighted = cfg.loss.weighting != "uniform"
+        edges = [round(T * i / c.t_bins) for i in range(c.t_bins + 1)] if c.t_bins else []
+        self.bins = {f"t{lo}-{hi - 1}": make((lo, hi)) for lo, hi in zip(edges, edges[1:])}
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        start = time.perf_counter()
+        out = _named(self.main.trace(model), "curvature/hutch_trace_{}")
+        if self.unweighted:
+            out |= _named(self.main.trace(model, unweighted=True),
+                          "curvature/hutch_trace_{}_unweighted")
+        for name, probe in self.bins.items():
+            out |= _named(probe.trace(model), f"curvature/hutch/{name}/trace_{{}}")
+        out["curvature/hutch_seconds"] = time.perf_counter() - start
+        return out
+
+
+def _named(est: TraceEstimate, pattern: str) -> dict[str, float]:
+    return {pattern.format(k): getattr(est, k) for k in ("mean", "std", "stderr")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m fastdiff.curvature RUN_DIR [--step N] [--probes K]"""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from fastdiff.config import ConfigError, load_run_config
+    from fastdiff.data import load_images
+    from fastdiff.diffusion import Schedule
+    from fastdiff.rundir import checkpoints
+    from fastdiff.unet import build_model
+
+    parser = argparse.ArgumentParser(prog="python -m fastdiff.curvature",
+                                     description="Hutchinson trace of a saved checkpoint's "
+                                     "training loss, on the run's fixed probe batch.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--probes", type=int, help="number of probe vectors (default: the run's)")
+    parser.add_argument("--batch-size", type=int, help="probe batch size (default: the run's)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_run_config(args.run_dir)
+        found = {int(p.stem.split("_")[1]): p for p in checkpoints(args.run_dir)}
+        step = args.step if args.step is not None else max(found, default=None)
+        if step not in found:
+            raise ConfigError(f"{args.run_dir} has no checkpoint for step {step}: it has "
+                              f"{sorted(found) or 'none'}")
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"fastdiff.curvature: error: {err}")
+        return 2
+    cfg.curvature.probes = args.probes or cfg.curvature.probes
+    cfg.curvature.batch_size = args.batch_size or cfg.curvature.batch_size
+    images = load_images(cfg.data.name, cfg.data.path, cfg.data.image_size)
+    model = build_model(cfg.model.name, cfg.model.base_channels, cfg.model.dropout,
+                        cfg.data.image_size)
+    model.load_state_dict(torch.load(found[step], map_location="cpu")["model"])
+    schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
+    probes = RunProbes(images, cfg, schedule.alphas_cumprod.float(),
+                       schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma), "cpu")
+    print(json.dumps({"step": step, "probes": cfg.curvature.probes, **probes(model)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

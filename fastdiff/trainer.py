@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from fastdiff.config import Config, flat
-from fastdiff.curvature import CurvatureProbe
+from fastdiff.curvature import RunProbes
 from fastdiff.data import DeviceBatches, load_images
 from fastdiff.diffusion import Schedule, eps_loss
 from fastdiff.ema import EMA
@@ -128,18 +128,11 @@ class Trainer:
         broadcast_object_list(shared)  # every rank writes into rank 0's directory
         return Path(shared[0])
 
-    def _make_probe(self, images: torch.Tensor) -> CurvatureProbe:
-        cfg = self.cfg
-        n = cfg.curvature.batch_size
-        g = stream_generator(cfg.train.seed, "probe")
-        idx = torch.randperm(images.shape[0], generator=g)[:n]
-        x0 = (images[idx].float() / 127.5 - 1).to(self.device)
-        t = torch.randint(0, cfg.diffusion.T, (n,), generator=g).to(self.device)
-        noise = torch.randn((n, *self.image_shape), generator=g).to(self.device)
+    def _make_probe(self, images: torch.Tensor) -> RunProbes:
+        c = self.cfg.curvature
         log.info("curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, "
-                 "fp32, every %d steps", cfg.curvature.probes, n, self._probe_every)
-        return CurvatureProbe(x0, t, noise, self.alphas_cumprod, self.weights,
-                              cfg.curvature.probes, stream_generator(cfg.train.seed, "probe-v"))
+                 "fp32, every %d steps", c.probes, c.batch_size, self._probe_every)
+        return RunProbes(images, self.cfg, self.alphas_cumprod, self.weights, self.device)
 
     @property
     def _probe_every(self) -> int:
@@ -179,6 +172,8 @@ class Trainer:
         wall_start, train_seconds, images_seen = time.perf_counter(), 0.0, 0
         window = Window.new(self.device)
         last: dict[str, float] = {}
+        if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
+            self.metrics.log(0, {"loss/mean_weight": self.weights.mean().item()})
         for step in range(self.start_step, total):
             loss, mse, grad_norm = self.train_step(step)
             window.loss += loss
@@ -210,9 +205,14 @@ class Trainer:
                    "images_per_sec": images_seen / train_seconds if train_seconds else None,
                    "params": self.n_params, "device": str(self.device),
                    "processes": self.acc.num_processes}
+        self.metrics.close()
         if self.acc.is_main_process:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.metrics.close()
+            if cfg.train.report:
+                from fastdiff.report import Run, write_report
+
+                log.info("report: %s", write_report([Run.load(self.run_dir)],
+                                                    self.run_dir / "report"))
         self.acc.wait_for_everyone()
         return summary
 

@@ -1,8 +1,17 @@
 """Hutchinson trace against exact traces."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
 
-from fastdiff.curvature import hutchinson_trace
+from fastdiff.config import compose, to_config
+from fastdiff.curvature import RunProbes, hutchinson_trace
+from fastdiff.data import load_images
+from fastdiff.diffusion import Schedule
+from fastdiff.unet import build_model
+from tests.conftest import tiny
 
 
 def test_diagonal_hessian_is_exact_for_every_rademacher_probe():
@@ -42,3 +51,99 @@ def test_small_network_trace_matches_the_exact_hessian():
                            chunk_size=1000)
     assert abs(est.mean - exact.item()) < 4 * est.stderr + 1e-6
     assert est.stderr < 0.2 * abs(exact.item())
+
+
+def test_single_probe_equals_explicit_double_backward():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.SiLU(), torch.nn.Linear(5, 2))
+    x = torch.randn(6, 3)
+
+    def loss_of(params):
+        return (torch.func.functional_call(net, params, (x,)) ** 2).mean()
+
+    params = dict(net.named_parameters())
+    est = hutchinson_trace(loss_of, params, 1, torch.Generator().manual_seed(3))
+    # The same Rademacher vector, drawn the same way, then Hv by double backward.
+    g = torch.Generator().manual_seed(3)
+    v = {k: torch.randint(0, 2, (1, *p.shape), generator=g).float()[0] * 2 - 1
+         for k, p in params.items()}
+    grads = torch.autograd.grad(loss_of(params), list(params.values()), create_graph=True)
+    dot = sum((gr * v[k]).sum() for gr, k in zip(grads, params))
+    hv = torch.autograd.grad(dot, list(params.values()))
+    expected = sum((h * v[k]).sum() for h, k in zip(hv, params))
+    assert est.values.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _cfg(tmp_path, *extra):
+    return to_config(compose(tiny(tmp_path, "curvature.enabled=true", "curvature.probes=3",
+                                  "curvature.batch_size=2", *extra)))
+
+
+def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
+    images = load_images("digits", None, 8)
+    made = {}
+    for weighting in ("uniform", "minsnr"):
+        cfg = _cfg(tmp_path, f"loss={weighting}")
+        sched = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
+        made[weighting] = RunProbes(images, cfg, sched.alphas_cumprod.float(),
+                                    sched.loss_weights(weighting, 5.0), "cpu")
+    a, b = made["uniform"].main, made["minsnr"].main
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise)
+    model = build_model("unet_tiny", 16, 0.1, 8)
+    torch.nn.init.normal_(model.out[1].weight, std=0.05)
+    first, second = made["minsnr"](model), made["minsnr"](model)
+    assert first["curvature/hutch_trace_mean"] == second["curvature/hutch_trace_mean"]
+    assert "curvature/hutch_trace_mean_unweighted" in first
+    assert "curvature/hutch_trace_mean_unweighted" not in made["uniform"](model)
+    assert model.training  # the probe restores train mode
+
+
+def test_time_bins_are_logged(tmp_path):
+    cfg = _cfg(tmp_path, "curvature.t_bins=2", "diffusion.T=100")
+    sched = Schedule.make("linear", 100)
+    probes = RunProbes(load_images("digits", None, 8), cfg, sched.alphas_cumprod.float(),
+                       sched.loss_weights("uniform", 5.0), "cpu")
+    assert probes.bins["t0-49"].t.max() < 50 <= probes.bins["t50-99"].t.min()
+    out = probes(build_model("unet_tiny", 16, 0.1, 8))
+    assert {"curvature/hutch/t0-49/trace_mean", "curvature/hutch/t50-99/trace_std"} <= set(out)
+
+
+def test_probe_does_not_change_training(tmp_path):
+    from fastdiff.trainer import training_loop
+
+    finals = []
+    for on in ("true", "false"):
+        cfg = to_config(compose(tiny(tmp_path / on, f"curvature.enabled={on}",
+                                     "curvature.probes=2", "curvature.batch_size=2",
+                                     "curvature.every=2")))
+        training_loop(cfg)
+        (ckpt,) = (tmp_path / on).rglob("step_0000006.pt")
+        finals.append(torch.load(ckpt)["model"])
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_standalone_command_measures_a_checkpoint(tmp_path, capsys):
+    from fastdiff.curvature import main
+    from fastdiff.trainer import training_loop
+
+    training_loop(_cfg(tmp_path, "loss=minsnr", "curvature.every=100"))
+    (run_dir,) = (tmp_path / "custom").iterdir()
+    assert main([str(run_dir), "--step", "3", "--probes", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["step"] == 3 and row["probes"] == 2
+    assert "curvature/hutch_trace_mean_unweighted" in row
+    assert main([str(run_dir), "--step", "5"]) == 2
+    assert "no checkpoint for step 5" in capsys.readouterr().out
+
+
+def test_minsnr_mean_weight_matches_the_issue_figures():
+    # E_t[min(SNR,5)/SNR], computed here with numpy: ~0.91 linear, ~0.82 cosine.
+    betas = np.linspace(1e-4, 0.02, 1000)
+    ac = np.cumprod(1 - betas)
+    s = ac / (1 - ac)
+    assert np.mean(np.minimum(s, 5) / s) == pytest.approx(0.913, abs=1e-3)
+    got = Schedule.make("linear", 1000).loss_weights("minsnr", 5.0).mean().item()
+    assert got == pytest.approx(np.mean(np.minimum(s, 5) / s), rel=1e-9)
+    assert Schedule.make("cosine", 1000).loss_weights("minsnr", 5.0).mean().item() == \
+        pytest.approx(0.824, abs=1e-3)
