@@ -80,9 +80,13 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    path: str | None = None  # cifar10: the extracted cifar-10-batches-py folder or its .tar.gz
+    # cifar10 / shards: a folder prepared by `python -m fastdiff.data.prepare` (streamed with
+    # WebDataset); cifar10 also takes cifar-10-python.tar.gz or its folder (held in memory).
+    path: str | None = None
     image_size: int = 32
     hflip: bool = False
+    workers: int = 2  # WebDataset loader processes
+    shuffle_buffer: int = 2000
 
 
 @dataclass
@@ -210,7 +214,8 @@ def build_store() -> ZenStore:
         "diffusion": {s: DiffusionConfig(beta_schedule=s) for s in BETA_SCHEDULES},
         "loss": {w: LossConfig(weighting=w) for w in WEIGHTINGS},
         "data": {"digits": DataConfig(),
-                 "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True)},
+                 "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True),
+                 "shards": DataConfig(name="shards", path=MISSING, hflip=True)},
         "optim": {"default": OptimConfig()}, "train": {"default": TrainConfig()},
         "sampling": {"default": SamplingConfig()}, "eval": {"default": EvalConfig()},
         "curvature": {"default": CurvatureConfig()},
@@ -307,15 +312,27 @@ def validate(cfg: Config) -> None:
          f"{cfg.train.ema_decay}")
     need(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got "
          f"{cfg.train.grad_clip}")
-    need(cfg.data.name in ("digits", "cifar10"),
-         f"unknown data.name {cfg.data.name!r}: use data=digits or data=cifar10")
+    need(cfg.data.name in ("digits", "cifar10", "shards"),
+         f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards")
     need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
-    if cfg.data.name == "cifar10":
+    need(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
+    if cfg.data.name in ("cifar10", "shards"):
         where = "is not set" if cfg.data.path is None else f"={cfg.data.path} does not exist"
+        prepare = (f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
+                   f"cifar-10-python.tar.gz --out {cfg.data.path or 'data/cifar10'}")
         need(cfg.data.path is not None and Path(cfg.data.path).exists(),
-             f"data=cifar10 needs data.path, which {where}: point it at the extracted "
-             "cifar-10-batches-py folder or cifar-10-python.tar.gz (from the CIFAR-10 page, "
-             "python version), or use data=digits")
+             f"data={cfg.data.name} needs data.path, which {where}: {prepare}, or use "
+             "data=digits")
+        manifest = Path(cfg.data.path) / "manifest.json"
+        if cfg.data.name == "shards" or (Path(cfg.data.path).is_dir() and not manifest.exists()
+                                         and not list(Path(cfg.data.path).glob("*batch*"))):
+            need(manifest.is_file(), f"data.path={cfg.data.path} has no manifest.json: {prepare}")
+        if manifest.is_file():
+            import json
+
+            size = json.loads(manifest.read_text())["image_size"][0]
+            need(size == cfg.data.image_size, f"the shards in {cfg.data.path} are {size}x{size} "
+                 f"but data.image_size={cfg.data.image_size}: set data.image_size={size}")
     for key in ("grid_sampler", "sampler"):
         name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
         need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")

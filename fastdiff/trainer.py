@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.config import Config, flat
 from fastdiff.curvature import RunProbes
-from fastdiff.data import DeviceBatches, load_images
+from fastdiff.data import make_batches, probe_pool
 from fastdiff.diffusion import Schedule, eps_loss
 from fastdiff.ema import EMA
 from fastdiff.rundir import (
@@ -82,12 +82,9 @@ class Trainer:
         torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
 
         # Data first: a missing or unreadable data set fails before anything is written.
-        images = load_images(cfg.data.name, cfg.data.path, cfg.data.image_size)
-        self.image_shape = tuple(images.shape[1:])
-        self.batches = DeviceBatches(images, cfg.train.batch_size, cfg.train.seed,
-                                     rank=self.acc.process_index,
-                                     world_size=self.acc.num_processes, hflip=cfg.data.hflip,
-                                     device=self.device)
+        self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed,
+                                    self.acc.process_index, self.acc.num_processes, self.device)
+        self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
 
         self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float().to(self.device)
@@ -109,11 +106,13 @@ class Trainer:
         self.run_dir = self._run_dir(resume)
         if resume is not None:
             self.start_step = self._load(resume)
+            self.batches.seek(self.start_step)
         if self.acc.is_main_process:
             write_text(self.run_dir / "config.yaml", config_yaml(cfg))
         self.metrics = MetricsLog(self.run_dir, self.acc.is_main_process,
                                   self.start_step if resume else None, lambda: flat(cfg))
-        self.probe = self._make_probe(images) if cfg.curvature.enabled else None
+        self.probe = (self._make_probe(probe_pool(cfg.data, self.batches))
+                      if cfg.curvature.enabled else None)
 
     # ----------------------------------------------------------------- set-up
     def _run_dir(self, resume: Path | None) -> Path:
@@ -233,12 +232,20 @@ class Trainer:
         images = w.steps * self.cfg.train.batch_size * self.acc.num_processes
         metrics = {"train/loss": loss, "train/mse_unweighted": mse, "train/grad_norm": grad_norm,
                    "train/lr": self.cfg.optim.lr, "perf/images_per_sec": images / seconds,
-                   "perf/seconds_per_step": seconds / w.steps}
+                   "perf/seconds_per_step": seconds / w.steps,
+                   "data/skipped": self._total_skipped()}
         self.metrics.log(step, metrics)
         if not math.isfinite(loss):
             raise FloatingPointError(f"train/loss is {loss} at step {step}: the run diverged "
                                      f"(last checkpoint in {self.run_dir / 'checkpoints'})")
         return metrics, seconds
+
+    def _total_skipped(self) -> int:
+        """Unreadable samples skipped so far, over all ranks."""
+        if self.acc.num_processes == 1:
+            return int(self.batches.skipped)
+        n = torch.tensor(float(self.batches.skipped), device=self.device)
+        return int(self.acc.reduce(n, reduction="sum").item())
 
     def _probe_curvature(self, step: int) -> None:
         if self.acc.is_main_process:  # one probe per run: it is a property of the weights

@@ -16,6 +16,8 @@ from fastdiff.seeding import stream_generator
 
 
 class DeviceBatches:
+    skipped = 0  # in-memory data has nothing to skip
+
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
                  world_size: int = 1, hflip: bool = False, device: str | torch.device = "cpu"):
         global_batch = batch_size * world_size
@@ -44,11 +46,21 @@ class DeviceBatches:
         start = (pos * self.world_size + self.rank) * self.batch_size
         return self._permutation(epoch)[start:start + self.batch_size]
 
+    def seek(self, step: int) -> None:
+        """Nothing to do: every batch is a pure function of the step."""
+
     def batch(self, step: int) -> torch.Tensor:
         """Images of this rank at ``step``, float in [-1, 1], scaled on the device."""
-        x = self.images[self.indices(step)].float().div_(127.5).sub_(1)
-        if self.hflip:
-            g = stream_generator(self.seed, "flip", step, self.rank)
-            flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x
+        return to_model_range(self.images[self.indices(step)], self.seed, step, self.rank,
+                              self.hflip)
+
+
+def to_model_range(images: torch.Tensor, seed: int, step: int, rank: int,
+                   hflip: bool) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the device -> float [-1, 1], with the step's random flips."""
+    x = images.float().div_(127.5).sub_(1)
+    if hflip:
+        g = stream_generator(seed, "flip", step, rank)
+        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x

@@ -1,0 +1,182 @@
+"""Streaming from WebDataset shards, and an ordered map-style view of them.
+
+Training stream, per (rank, worker):
+  shards[rank::world]             split by node: ranks read disjoint shards
+  → resampled shard choice         from a generator keyed by (seed, rank, worker, epoch)
+  → tar → samples                  a corrupt shard or sample is skipped, warned, counted
+  → shuffle buffer → PNG → uint8 CHW
+  → fixed number of batches        epoch length fixed per rank: uneven shards never hang
+The loader pins host memory; scaling to [-1, 1] and flips happen on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from fastdiff.data.batches import to_model_range
+from fastdiff.seeding import stream_seed
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {MANIFEST}: prepare shards with "
+                                f"python -m fastdiff.data.prepare cifar10 --src "
+                                f"cifar-10-python.tar.gz --out {path}")
+    manifest = json.loads(file.read_text())
+    missing = [s for s in manifest["shards"] if not (path / s).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path / missing[0]} is listed in {MANIFEST} but missing: "
+                                "re-run python -m fastdiff.data.prepare with --force")
+    return manifest
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes -> uint8 (3, H, W)."""
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return torch.from_numpy(img.copy()).permute(2, 0, 1)
+
+
+def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of one shard, in order: uint8 (N, 3, H, W) and labels (N,)."""
+    samples = list(wds.tarfile_to_samples()([{"url": str(path)}]))
+    return (torch.stack([decode_png(s["png"]) for s in samples]),
+            torch.tensor([int(s["cls"]) for s in samples]))
+
+
+class _Skips:
+    """Counts what a worker skipped; the count rides along with each batch."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        warnings.warn(f"skipping unreadable data: {type(exn).__name__}: {exn}", stacklevel=2)
+        return True  # keep going
+
+
+class ShardStream(IterableDataset):
+    """Yields (images uint8 (B, 3, H, W), labels (B,), skipped since last batch)."""
+
+    def __init__(self, path: str | Path, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 2000):
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        urls = [str(self.path / s) for s in manifest["shards"]]
+        if len(urls) < world_size:
+            raise ValueError(f"{path} has {len(urls)} shards for {world_size} processes: "
+                             "re-run prepare with a smaller --shard-size")
+        self.urls = urls[rank::world_size]  # split by node
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = manifest["count"] // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{path} has {manifest['count']} images, fewer than one global "
+                             f"batch of {batch_size} x {world_size}: lower train.batch_size")
+        self.epoch = 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # This worker's share of the rank's fixed epoch length.
+        n = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        rng = random.Random(stream_seed(self.seed, "shards", self.rank, worker, self.epoch))
+        skips = _Skips()
+
+        def shard_urls():
+            while True:  # resampled: any number of batches from any number of shards
+                yield {"url": rng.choice(self.urls)}
+
+        def decode(samples):
+            for sample in samples:
+                try:
+                    yield decode_png(sample["png"]), int(sample["cls"])
+                except Exception as exn:  # a truncated or corrupt sample
+                    skips(exn)
+
+        def batches(samples):
+            reported = 0
+            while True:
+                chunk = list(islice(samples, self.batch_size))
+                if len(chunk) < self.batch_size:
+                    return
+                images, labels = zip(*chunk)
+                yield torch.stack(images), torch.tensor(labels), skips.count - reported
+                reported = skips.count
+
+        samples = wds.tarfile_to_samples(handler=skips)(shard_urls())
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 200),
+                              rng=rng)(samples)
+        yield from islice(batches(decode(samples)), n)
+
+
+class StreamBatches:
+    """Device batches from a :class:`ShardStream`, with the interface of DeviceBatches."""
+
+    def __init__(self, path: str | Path, batch_size: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1, hflip: bool = True, device="cpu", workers: int = 2,
+                 shuffle_buffer: int = 2000):
+        self.stream = ShardStream(path, batch_size, seed, rank, world_size, shuffle_buffer)
+        self.device = torch.device(device)
+        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
+                                 pin_memory=self.device.type == "cuda",
+                                 prefetch_factor=4 if workers else None)
+        self.seed, self.rank, self.hflip = seed, rank, hflip
+        self.skipped = 0
+        self._it = None
+
+    def __len__(self) -> int:
+        return self.stream.batches_per_epoch
+
+    def seek(self, step: int) -> None:
+        """Start at the epoch of ``step`` (the stream restarts at that epoch's beginning)."""
+        self.stream.epoch = step // len(self)
+        self._it = None
+
+    def batch(self, step: int) -> torch.Tensor:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            images, _, skipped = next(self._it)
+        except StopIteration:
+            self.stream.epoch += 1
+            self._it = iter(self.loader)
+            images, _, skipped = next(self._it)
+        self.skipped += skipped
+        return to_model_range(images.to(self.device, non_blocking=True), self.seed, step,
+                              self.rank, self.hflip)
+
+
+class ShardImages(Dataset):
+    """Ordered, finite, map-style view of prepared shards: uint8 (3, H, W), no flips.
+
+    The reference side for FID statistics; loads every image once into memory.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        parts = [read_shard(self.path / name) for name in self.manifest["shards"]]
+        self.images = torch.cat([images for images, _ in parts])
+        self.labels = torch.cat([labels for _, labels in parts])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
