@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,13 +23,16 @@ quickstart: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check fastdiff kernels tests benches
+	$(BIN)/ruff format --check fastdiff kernels tests benches
 
+# The benches also run here once, untimed, on tiny shapes, so they never rot.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest --benchmark-disable
+	FASTDIFF_BENCH_SMOKE=1 $(BIN)/python -m pytest --benchmark-disable
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[dev,bench]'
-	$(BIN)/python -m pytest benches --benchmark-only
+	$(BIN)/python -m pytest benches -p no:randomly --benchmark-only --benchmark-autosave \
+		--benchmark-json=.benchmarks/latest.json
+	$(BIN)/python -m benches.ratios .benchmarks/latest.json --out benches/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -120,16 +120,27 @@ class CurvatureConfig:
 
 
 GROUP_DEFAULTS = {
-    "model": "unet_cifar32", "diffusion": "linear", "loss": "uniform", "optim": "default",
-    "train": "default", "data": "cifar10", "sampling": "default", "eval": "default",
+    "model": "unet_cifar32",
+    "diffusion": "linear",
+    "loss": "uniform",
+    "optim": "default",
+    "train": "default",
+    "data": "cifar10",
+    "sampling": "default",
+    "eval": "default",
     "curvature": "default",
 }
 
 
 @dataclass
 class Config:
-    defaults: list[Any] = field(default_factory=lambda: [
-        "_self_", *({g: o} for g, o in GROUP_DEFAULTS.items()), {"experiment": None}])
+    defaults: list[Any] = field(
+        default_factory=lambda: [
+            "_self_",
+            *({g: o} for g, o in GROUP_DEFAULTS.items()),
+            {"experiment": None},
+        ]
+    )
     experiment: str = "custom"
     model: ModelConfig = MISSING
     diffusion: DiffusionConfig = MISSING
@@ -145,10 +156,17 @@ class Config:
 # ---------------------------------------------------------------- experiments
 # name -> (one-line description, overrides relative to the base Config).
 # Group choices go under "defaults" as Hydra overrides; everything else is merged.
-_E5 = {"defaults": [], "train": {"total_steps": 10_000}, "curvature": {"enabled": True},
-       "eval": {"sampler": "ddpm", "nfe": 50}}
-_E9A = {"defaults": [{"override /diffusion": "cosine"}], "train": {"total_steps": 10_000},
-        "curvature": {"enabled": True}}
+_E5 = {
+    "defaults": [],
+    "train": {"total_steps": 10_000},
+    "curvature": {"enabled": True},
+    "eval": {"sampler": "ddpm", "nfe": 50},
+}
+_E9A = {
+    "defaults": [{"override /diffusion": "cosine"}],
+    "train": {"total_steps": 10_000},
+    "curvature": {"enabled": True},
+}
 _MINSNR = {"defaults": [{"override /loss": "minsnr"}], "loss": {"minsnr_gamma": 5.0}}
 
 
@@ -165,21 +183,36 @@ def _derive(base: dict, extra: dict) -> dict:
 
 
 EXPERIMENTS: dict[str, tuple[str, dict]] = {
-    "quickstart": ("tiny UNet on the embedded digits, 16x16, ~5 min on 2 CPU cores", {
-        "defaults": [{"override /model": "unet_tiny"}, {"override /data": "digits"}],
-        "data": {"image_size": 16},
-        "optim": {"lr": 3e-4},
-        "train": {"total_steps": 2000, "batch_size": 32, "ema_decay": 0.995, "log_every": 100,
-                  "ckpt_every": 1000, "report": True},
-        "sampling": {"grid_every": 1000},
-    }),
-    "e1": ("MS1 W1-E1: vanilla eps-MSE, linear beta, 10k steps",
-           {"defaults": [], "train": {"total_steps": 10_000}}),
-    "e2": ("MS1 W1-E2: Min-SNR gamma=5, linear beta, 50k steps",
-           _derive(_MINSNR, {"train": {"total_steps": 50_000}})),
+    "quickstart": (
+        "tiny UNet on the embedded digits, 16x16, ~5 min on 2 CPU cores",
+        {
+            "defaults": [{"override /model": "unet_tiny"}, {"override /data": "digits"}],
+            "data": {"image_size": 16},
+            "optim": {"lr": 3e-4},
+            "train": {
+                "total_steps": 2000,
+                "batch_size": 32,
+                "ema_decay": 0.995,
+                "log_every": 100,
+                "ckpt_every": 1000,
+                "report": True,
+            },
+            "sampling": {"grid_every": 1000},
+        },
+    ),
+    "e1": (
+        "MS1 W1-E1: vanilla eps-MSE, linear beta, 10k steps",
+        {"defaults": [], "train": {"total_steps": 10_000}},
+    ),
+    "e2": (
+        "MS1 W1-E2: Min-SNR gamma=5, linear beta, 50k steps",
+        _derive(_MINSNR, {"train": {"total_steps": 50_000}}),
+    ),
     "e5": ("MS1 W1-E5: vanilla eps-MSE, linear beta, Hutchinson trace, 10k, NFE 50", _E5),
-    "e6": ("MS1 W1-E6: Min-SNR gamma=5, linear beta, Hutchinson trace, 10k, NFE 50",
-           _derive(_E5, _MINSNR)),
+    "e6": (
+        "MS1 W1-E6: Min-SNR gamma=5, linear beta, Hutchinson trace, 10k, NFE 50",
+        _derive(_E5, _MINSNR),
+    ),
     "e9a": ("MS1 e9a: vanilla eps-MSE, cosine beta, 10k", _E9A),
     "e9b": ("MS1 e9b: Min-SNR gamma=5, cosine beta, 10k", _derive(_E9A, _MINSNR)),
 }
@@ -209,15 +242,21 @@ def build_store() -> ZenStore:
     store = ZenStore("fastdiff", overwrite_ok=True)(to_config=lambda node: node)
     store(Config, name="fastdiff")
     groups = {
-        "model": {"unet_cifar32": ModelConfig(),
-                  "unet_tiny": ModelConfig(name="unet_tiny", base_channels=32)},
+        "model": {
+            "unet_cifar32": ModelConfig(),
+            "unet_tiny": ModelConfig(name="unet_tiny", base_channels=32),
+        },
         "diffusion": {s: DiffusionConfig(beta_schedule=s) for s in BETA_SCHEDULES},
         "loss": {w: LossConfig(weighting=w) for w in WEIGHTINGS},
-        "data": {"digits": DataConfig(),
-                 "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True),
-                 "shards": DataConfig(name="shards", path=MISSING, hflip=True)},
-        "optim": {"default": OptimConfig()}, "train": {"default": TrainConfig()},
-        "sampling": {"default": SamplingConfig()}, "eval": {"default": EvalConfig()},
+        "data": {
+            "digits": DataConfig(),
+            "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True),
+            "shards": DataConfig(name="shards", path=MISSING, hflip=True),
+        },
+        "optim": {"default": OptimConfig()},
+        "train": {"default": TrainConfig()},
+        "sampling": {"default": SamplingConfig()},
+        "eval": {"default": EvalConfig()},
         "curvature": {"default": CurvatureConfig()},
     }
     for group, options in groups.items():
@@ -240,12 +279,14 @@ def overrides_from_yaml(path: str | Path) -> list[str]:
         if isinstance(entry, dict):
             for key, value in entry.items():
                 out.append(f"{key.removeprefix('override /')}={value}")
+
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}{k}.", v)
         else:
             out.append(f"{prefix[:-1]}={'null' if value is None else value}")
+
     walk("", node)
     return out
 
@@ -260,8 +301,9 @@ def compose(overrides: list[str]) -> DictConfig:
 
     for o in overrides:
         if o.startswith("experiment=") and o.split("=", 1)[1] not in EXPERIMENTS:
-            raise ConfigError(f"unknown experiment {o.split('=', 1)[1]!r}: "
-                              f"choose one of {', '.join(EXPERIMENTS)}")
+            raise ConfigError(
+                f"unknown experiment {o.split('=', 1)[1]!r}: choose one of {', '.join(EXPERIMENTS)}"
+            )
     build_store().add_to_hydra_store(overwrite_ok=True)
     GlobalHydra.instance().clear()
     try:
@@ -292,62 +334,95 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    need(cfg.model.name in MODELS, f"unknown model.name {cfg.model.name!r}: use one of "
-         f"{', '.join(MODELS)}")
-    need(cfg.model.kernels in ("torch", "triton"),
-         f"model.kernels must be 'torch' or 'triton', got {cfg.model.kernels!r}")
-    need(cfg.diffusion.beta_schedule in BETA_SCHEDULES,
-         f"unknown diffusion.beta_schedule {cfg.diffusion.beta_schedule!r}: use one of "
-         f"{', '.join(BETA_SCHEDULES)}")
+    need(
+        cfg.model.name in MODELS,
+        f"unknown model.name {cfg.model.name!r}: use one of {', '.join(MODELS)}",
+    )
+    need(
+        cfg.model.kernels in ("torch", "triton"),
+        f"model.kernels must be 'torch' or 'triton', got {cfg.model.kernels!r}",
+    )
+    need(
+        cfg.diffusion.beta_schedule in BETA_SCHEDULES,
+        f"unknown diffusion.beta_schedule {cfg.diffusion.beta_schedule!r}: use one of "
+        f"{', '.join(BETA_SCHEDULES)}",
+    )
     need(cfg.diffusion.T > 0, f"diffusion.T must be > 0, got {cfg.diffusion.T}")
-    need(cfg.loss.weighting in WEIGHTINGS, f"unknown loss.weighting {cfg.loss.weighting!r}: "
-         f"use one of {', '.join(WEIGHTINGS)}")
+    need(
+        cfg.loss.weighting in WEIGHTINGS,
+        f"unknown loss.weighting {cfg.loss.weighting!r}: use one of {', '.join(WEIGHTINGS)}",
+    )
     need(cfg.loss.minsnr_gamma > 0, f"loss.minsnr_gamma must be > 0, got {cfg.loss.minsnr_gamma}")
     need(cfg.optim.name == "adam", f"optim.name must be 'adam', got {cfg.optim.name!r}")
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         value = getattr(cfg.train, key)
         need(value > 0, f"train.{key} must be a positive integer, got {value}")
-    need(0 <= cfg.train.ema_decay < 1, f"train.ema_decay must be in [0, 1), got "
-         f"{cfg.train.ema_decay}")
-    need(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got "
-         f"{cfg.train.grad_clip}")
-    need(cfg.data.name in ("digits", "cifar10", "shards"),
-         f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards")
+    need(
+        0 <= cfg.train.ema_decay < 1,
+        f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}",
+    )
+    need(
+        cfg.train.grad_clip >= 0,
+        f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}",
+    )
+    need(
+        cfg.data.name in ("digits", "cifar10", "shards"),
+        f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards",
+    )
     need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
     need(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
     if cfg.data.name in ("cifar10", "shards"):
         where = "is not set" if cfg.data.path is None else f"={cfg.data.path} does not exist"
-        prepare = (f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
-                   f"cifar-10-python.tar.gz --out {cfg.data.path or 'data/cifar10'}")
-        need(cfg.data.path is not None and Path(cfg.data.path).exists(),
-             f"data={cfg.data.name} needs data.path, which {where}: {prepare}, or use "
-             "data=digits")
+        prepare = (
+            f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
+            f"cifar-10-python.tar.gz --out {cfg.data.path or 'data/cifar10'}"
+        )
+        need(
+            cfg.data.path is not None and Path(cfg.data.path).exists(),
+            f"data={cfg.data.name} needs data.path, which {where}: {prepare}, or use data=digits",
+        )
         manifest = Path(cfg.data.path) / "manifest.json"
-        if cfg.data.name == "shards" or (Path(cfg.data.path).is_dir() and not manifest.exists()
-                                         and not list(Path(cfg.data.path).glob("*batch*"))):
+        if cfg.data.name == "shards" or (
+            Path(cfg.data.path).is_dir()
+            and not manifest.exists()
+            and not list(Path(cfg.data.path).glob("*batch*"))
+        ):
             need(manifest.is_file(), f"data.path={cfg.data.path} has no manifest.json: {prepare}")
         if manifest.is_file():
             import json
 
             size = json.loads(manifest.read_text())["image_size"][0]
-            need(size == cfg.data.image_size, f"the shards in {cfg.data.path} are {size}x{size} "
-                 f"but data.image_size={cfg.data.image_size}: set data.image_size={size}")
+            need(
+                size == cfg.data.image_size,
+                f"the shards in {cfg.data.path} are {size}x{size} "
+                f"but data.image_size={cfg.data.image_size}: set data.image_size={size}",
+            )
     for key in ("grid_sampler", "sampler"):
         name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
         need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
     for key, nfe in (("sampling.grid_nfe", cfg.sampling.grid_nfe), ("eval.nfe", cfg.eval.nfe)):
         need(1 <= nfe <= cfg.diffusion.T, f"{key} must be in [1, T={cfg.diffusion.T}], got {nfe}")
-    need(cfg.sampling.grid_images > 0 and cfg.sampling.grid_every > 0,
-         "sampling.grid_images and sampling.grid_every must be > 0")
-    need(cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
-         "curvature.probes and curvature.batch_size must be > 0")
+    need(
+        cfg.sampling.grid_images > 0 and cfg.sampling.grid_every > 0,
+        "sampling.grid_images and sampling.grid_every must be > 0",
+    )
+    need(
+        cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
+        "curvature.probes and curvature.batch_size must be > 0",
+    )
     need(cfg.curvature.t_bins >= 0, "curvature.t_bins must be >= 0")
-    need(not cfg.eval.fid, "eval.fid=true needs the FID evaluation, which this build does "
-         "not have yet: set eval.fid=false")
+    need(
+        not cfg.eval.fid,
+        "eval.fid=true needs the FID evaluation, which this build does "
+        "not have yet: set eval.fid=false",
+    )
     if cfg.train.resume is not None:
-        need(Path(cfg.train.resume).exists(), f"train.resume={cfg.train.resume} does not exist: "
-             "pass a checkpoint file or a run directory")
+        need(
+            Path(cfg.train.resume).exists(),
+            f"train.resume={cfg.train.resume} does not exist: "
+            "pass a checkpoint file or a run directory",
+        )
 
 
 def load_run_config(run_dir: str | Path) -> Config:

@@ -30,8 +30,13 @@ class TraceEstimate:
     stderr: float
 
 
-def hutchinson_trace(loss_fn, params: dict[str, torch.Tensor], probes: int,
-                     generator: torch.Generator, chunk_size: int | None = None) -> TraceEstimate:
+def hutchinson_trace(
+    loss_fn,
+    params: dict[str, torch.Tensor],
+    probes: int,
+    generator: torch.Generator,
+    chunk_size: int | None = None,
+) -> TraceEstimate:
     """vᵀHv for ``probes`` Rademacher vectors v, batched with vmap.
 
     ``loss_fn(params) -> scalar``; ``params`` a dict of tensors (not modified).
@@ -43,16 +48,24 @@ def hutchinson_trace(loss_fn, params: dict[str, torch.Tensor], probes: int,
         hv = jvp(grad_fn, (params,), (v,))[1]
         return sum((v[k] * hv[k]).sum() for k in v)
 
-    vs = {k: (torch.randint(0, 2, (probes, *p.shape), generator=generator,
-                            device=generator.device).to(p) * 2 - 1)
-          for k, p in params.items()}
+    vs = {
+        k: (
+            torch.randint(
+                0, 2, (probes, *p.shape), generator=generator, device=generator.device
+            ).to(p)
+            * 2
+            - 1
+        )
+        for k, p in params.items()
+    }
     values = vmap(vhv, chunk_size=chunk_size)(vs).detach()
     std = values.std().item() if probes > 1 else 0.0
     return TraceEstimate(values, values.mean().item(), std, std / probes**0.5)
 
 
-def probe_batch(images: torch.Tensor, n: int, T: int, seed: int,
-                t_range: tuple[int, int] | None = None):
+def probe_batch(
+    images: torch.Tensor, n: int, T: int, seed: int, t_range: tuple[int, int] | None = None
+):
     """The run's fixed probe batch (x0, t, noise), drawn once from the run's seed.
 
     Depends only on (images, n, T, seed, t_range), never on the weighting, so the
@@ -76,9 +89,17 @@ class CurvatureProbe:
     forward-over-reverse derivatives that the fused SDPA kernels lack.
     """
 
-    def __init__(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, weights: torch.Tensor, probes: int, seed: int,
-                 chunk_size: int | None = None):
+    def __init__(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        weights: torch.Tensor,
+        probes: int,
+        seed: int,
+        chunk_size: int | None = None,
+    ):
         self.x_t = q_sample(x0, t, noise, alphas_cumprod)
         self.t, self.noise = t, noise
         self.weight = weights.to(x0.device)[t].float()
@@ -95,10 +116,10 @@ class CurvatureProbe:
 
         generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
         try:
-            with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.x_t.device.type,
-                                                               enabled=False):
-                return hutchinson_trace(loss_fn, dict(model.named_parameters()), self.probes,
-                                        generator, self.chunk_size)
+            with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.x_t.device.type, enabled=False):
+                return hutchinson_trace(
+                    loss_fn, dict(model.named_parameters()), self.probes, generator, self.chunk_size
+                )
         finally:
             model.train(was_training)
 
@@ -114,14 +135,23 @@ class RunProbes:
     - ``curvature/hutch_seconds``: the probe's wall time.
     """
 
-    def __init__(self, images: torch.Tensor, cfg, alphas_cumprod: torch.Tensor,
-                 weights: torch.Tensor, device):
+    def __init__(
+        self, images: torch.Tensor, cfg, alphas_cumprod: torch.Tensor, weights: torch.Tensor, device
+    ):
         c, T, seed = cfg.curvature, cfg.diffusion.T, cfg.train.seed
 
         def make(t_range=None):
             x0, t, noise = probe_batch(images, c.batch_size, T, seed, t_range)
-            return CurvatureProbe(x0.to(device), t.to(device), noise.to(device), alphas_cumprod,
-                                  weights, c.probes, seed, c.chunk_size)
+            return CurvatureProbe(
+                x0.to(device),
+                t.to(device),
+                noise.to(device),
+                alphas_cumprod,
+                weights,
+                c.probes,
+                seed,
+                c.chunk_size,
+            )
 
         self.main = make()
         self.unweighted = cfg.loss.weighting != "uniform"
@@ -132,8 +162,9 @@ class RunProbes:
         start = time.perf_counter()
         out = _named(self.main.trace(model), "curvature/hutch_trace_{}")
         if self.unweighted:
-            out |= _named(self.main.trace(model, unweighted=True),
-                          "curvature/hutch_trace_{}_unweighted")
+            out |= _named(
+                self.main.trace(model, unweighted=True), "curvature/hutch_trace_{}_unweighted"
+            )
         for name, probe in self.bins.items():
             out |= _named(probe.trace(model), f"curvature/hutch/{name}/trace_{{}}")
         out["curvature/hutch_seconds"] = time.perf_counter() - start
@@ -156,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastdiff.rundir import checkpoints
     from fastdiff.unet import build_model
 
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.curvature",
-                                     description="Hutchinson trace of a saved checkpoint's "
-                                     "training loss, on the run's fixed probe batch.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.curvature",
+        description="Hutchinson trace of a saved checkpoint's "
+        "training loss, on the run's fixed probe batch.",
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--probes", type=int, help="number of probe vectors (default: the run's)")
@@ -169,20 +202,28 @@ def main(argv: list[str] | None = None) -> int:
         found = {int(p.stem.split("_")[1]): p for p in checkpoints(args.run_dir)}
         step = args.step if args.step is not None else max(found, default=None)
         if step not in found:
-            raise ConfigError(f"{args.run_dir} has no checkpoint for step {step}: it has "
-                              f"{sorted(found) or 'none'}")
+            raise ConfigError(
+                f"{args.run_dir} has no checkpoint for step {step}: it has "
+                f"{sorted(found) or 'none'}"
+            )
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastdiff.curvature: error: {err}")
         return 2
     cfg.curvature.probes = args.probes or cfg.curvature.probes
     cfg.curvature.batch_size = args.batch_size or cfg.curvature.batch_size
     images = load_images(cfg.data.name, cfg.data.path, cfg.data.image_size)
-    model = build_model(cfg.model.name, cfg.model.base_channels, cfg.model.dropout,
-                        cfg.data.image_size)
+    model = build_model(
+        cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
+    )
     model.load_state_dict(torch.load(found[step], map_location="cpu")["model"])
     schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-    probes = RunProbes(images, cfg, schedule.alphas_cumprod.float(),
-                       schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma), "cpu")
+    probes = RunProbes(
+        images,
+        cfg,
+        schedule.alphas_cumprod.float(),
+        schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma),
+        "cpu",
+    )
     print(json.dumps({"step": step, "probes": cfg.curvature.probes, **probes(model)}))
     return 0
 

@@ -40,9 +40,7 @@ def make_betas(schedule: str, T: int) -> torch.Tensor:
         alphas_cumprod = f / f[0]
         betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
         return betas.clamp(max=0.999)
-    raise ValueError(
-        f"unknown beta schedule {schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
-    )
+    raise ValueError(f"unknown beta schedule {schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -97,8 +95,9 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def q_sample(
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε   (DDPM eq. 4).  x0, noise: (B, C, H, W); t: (B,)."""
     a = alphas_cumprod.to(x0.device)[t]
     return _bcast(a.sqrt(), x0) * x0 + _bcast((1 - a).sqrt(), x0) * noise
@@ -110,8 +109,14 @@ def eps_mse(eps_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -
     return weight.float() * err
 
 
-def eps_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             alphas_cumprod: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def eps_loss(
+    model,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
     """Per-sample weighted ε-prediction loss, unreduced, shape (B,).
 
     ``weights`` is the per-timestep table from :meth:`Schedule.loss_weights`; the

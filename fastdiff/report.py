@@ -39,12 +39,21 @@ class Run:
         path = Path(path)
         if not (path / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{path} is not a fastdiff run directory (no metrics.jsonl)")
-        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
-                if line.strip()]
-        config = yaml.safe_load((path / "config.yaml").read_text()) \
-            if (path / "config.yaml").is_file() else {}
-        summary = json.loads((path / "summary.json").read_text()) \
-            if (path / "summary.json").is_file() else {}
+        rows = [
+            json.loads(line)
+            for line in (path / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        config = (
+            yaml.safe_load((path / "config.yaml").read_text())
+            if (path / "config.yaml").is_file()
+            else {}
+        )
+        summary = (
+            json.loads((path / "summary.json").read_text())
+            if (path / "summary.json").is_file()
+            else {}
+        )
         return cls(path, config, rows, summary)
 
     @property
@@ -112,9 +121,15 @@ def relative_change(treat: float, base: float) -> float:
     return (treat - base) / abs(base)
 
 
-def curvature_reduction(base: Run, treat: Run, key: str = TRACE, lo: float = 6000,
-                        hi: float = 10000, divide_by_mean_weight: bool = False,
-                        threshold: float = 0.15) -> Criterion:
+def curvature_reduction(
+    base: Run,
+    treat: Run,
+    key: str = TRACE,
+    lo: float = 6000,
+    hi: float = 10000,
+    divide_by_mean_weight: bool = False,
+    threshold: float = 0.15,
+) -> Criterion:
     """W1-E6: mean trace over [lo, hi] (card steps) at least ``threshold`` lower."""
     lo_s, hi_s = scale_steps(base, lo), scale_steps(base, hi)
     means = []
@@ -127,16 +142,24 @@ def curvature_reduction(base: Run, treat: Run, key: str = TRACE, lo: float = 600
     if divide_by_mean_weight:
         name += " (÷ mean weight)"
     if None in means:
-        return Criterion(name, NA, f"no {key} in steps {lo_s:g}–{hi_s:g} of "
-                         f"{'both runs' if means == [None, None] else 'one run'}")
+        return Criterion(
+            name,
+            NA,
+            f"no {key} in steps {lo_s:g}–{hi_s:g} of "
+            f"{'both runs' if means == [None, None] else 'one run'}",
+        )
     change = relative_change(means[1], means[0])
-    return Criterion(name, PASS if change <= -threshold else FAIL,
-                     f"{treat.name} {means[1]:.4g} vs {base.name} {means[0]:.4g}: {change:+.1%}",
-                     "curvature.png")
+    return Criterion(
+        name,
+        PASS if change <= -threshold else FAIL,
+        f"{treat.name} {means[1]:.4g} vs {base.name} {means[0]:.4g}: {change:+.1%}",
+        "curvature.png",
+    )
 
 
-def spike_count(base: Run, treat: Run, lo: float = 2000, hi: float = 10000,
-                factor: float = 1.5) -> Criterion:
+def spike_count(
+    base: Run, treat: Run, lo: float = 2000, hi: float = 10000, factor: float = 1.5
+) -> Criterion:
     """W1-E6: fewer points above ``factor`` × the baseline's median trace in [lo, hi]."""
     lo_s, hi_s = scale_steps(base, lo), scale_steps(base, hi)
     b = window(*base.series(TRACE), lo_s, hi_s)
@@ -146,9 +169,12 @@ def spike_count(base: Run, treat: Run, lo: float = 2000, hi: float = 10000,
         return Criterion(name, NA, f"no {TRACE} in that range of one of the runs")
     limit = factor * float(np.median(b))
     nb, nt = int((b > limit).sum()), int((t > limit).sum())
-    return Criterion(name, PASS if nt < nb else FAIL,
-                     f"limit {limit:.4g}: {treat.name} {nt}/{len(t)} points, "
-                     f"{base.name} {nb}/{len(b)}", "curvature.png")
+    return Criterion(
+        name,
+        PASS if nt < nb else FAIL,
+        f"limit {limit:.4g}: {treat.name} {nt}/{len(t)} points, {base.name} {nb}/{len(b)}",
+        "curvature.png",
+    )
 
 
 def fid_band(base: Run, treat: Run, max_increase: float = 0.10) -> list[Criterion]:
@@ -156,14 +182,16 @@ def fid_band(base: Run, treat: Run, max_increase: float = 0.10) -> list[Criterio
     fb, ft = _final_fid(base), _final_fid(treat)
     name = f"final FID no worse than +{max_increase:.0%}"
     if fb is None or ft is None:
-        msg = "no final FID (eval/final/fid or a milestone FID) in " + _missing(fb, ft, base,
-                                                                                    treat)
+        msg = "no final FID (eval/final/fid or a milestone FID) in " + _missing(fb, ft, base, treat)
         return [Criterion(name, NA, msg), Criterion("final FID improved by ≥5%", NA, msg)]
     change = relative_change(ft, fb)
     detail = f"{treat.name} {ft:.2f} vs {base.name} {fb:.2f}: {change:+.1%}"
-    return [Criterion(name, PASS if change <= max_increase else FAIL, detail, "fid.png"),
-            Criterion("final FID improved by ≥5%", PASS if change <= -0.05 else FAIL, detail,
-                      "fid.png")]
+    return [
+        Criterion(name, PASS if change <= max_increase else FAIL, detail, "fid.png"),
+        Criterion(
+            "final FID improved by ≥5%", PASS if change <= -0.05 else FAIL, detail, "fid.png"
+        ),
+    ]
 
 
 def _missing(fb, ft, base: Run, treat: Run) -> str:
@@ -177,18 +205,25 @@ def _final_fid(run: Run) -> float | None:
 
 def completed(run: Run) -> Criterion:
     _, losses = run.series("train/loss")
-    finite = bool(len(losses)) and bool(np.isfinite(losses).all()) and \
-        not run.summary.get("diverged", False)
+    finite = (
+        bool(len(losses))
+        and bool(np.isfinite(losses).all())
+        and not run.summary.get("diverged", False)
+    )
     done = run.summary.get("step", 0) >= run.total_steps
     ok = finite and done
-    return Criterion(f"{run.name} completed {run.total_steps} steps without NaN/inf",
-                     PASS if ok else FAIL,
-                     f"reached step {run.summary.get('step', 'unknown')}, "
-                     f"loss {'finite' if finite else 'NOT finite (or missing)'}", "loss.png")
+    return Criterion(
+        f"{run.name} completed {run.total_steps} steps without NaN/inf",
+        PASS if ok else FAIL,
+        f"reached step {run.summary.get('step', 'unknown')}, "
+        f"loss {'finite' if finite else 'NOT finite (or missing)'}",
+        "loss.png",
+    )
 
 
 def fid_ratio(base: Run, treat: Run, which: str) -> Criterion:
     """MS1-e9: Min-SNR's FID within 30% of vanilla (success) or ≥2× (pathology)."""
+
     def pick(run):
         if which == "best":
             _, v = run.series(FID_MILESTONE)
@@ -202,9 +237,12 @@ def fid_ratio(base: Run, treat: Run, which: str) -> Criterion:
         return Criterion(name, NA, "no FID logged in " + _missing(fb, ft, base, treat))
     ratio = ft / fb
     verdict = "PATHOLOGY" if ratio >= 2 else ("within band" if ratio <= 1.3 else "outside band")
-    return Criterion(name, PASS if ratio <= 1.3 else FAIL,
-                     f"{treat.name} {ft:.2f} / {base.name} {fb:.2f} = {ratio:.2f}× ({verdict})",
-                     "fid.png")
+    return Criterion(
+        name,
+        PASS if ratio <= 1.3 else FAIL,
+        f"{treat.name} {ft:.2f} / {base.name} {fb:.2f} = {ratio:.2f}× ({verdict})",
+        "fid.png",
+    )
 
 
 EXPLODE_FACTOR = 3.0
@@ -224,10 +262,13 @@ def exploding_curvature(base: Run, treat: Run, burn_in: float = 2000) -> Criteri
     t = np.array([vt[st == s][-1] for s in common])
     ratio = t / np.where(np.abs(b) > 0, np.abs(b), np.nan)
     worst = float(np.nanmax(ratio))
-    return Criterion(name, PASS if worst < EXPLODE_FACTOR else FAIL,
-                     f"rule: trace > {EXPLODE_FACTOR:g}× {base.name}'s at the same step after "
-                     f"step {lo:g}; worst ratio {worst:.2f}× over {len(common)} probe steps",
-                     "curvature.png")
+    return Criterion(
+        name,
+        PASS if worst < EXPLODE_FACTOR else FAIL,
+        f"rule: trace > {EXPLODE_FACTOR:g}× {base.name}'s at the same step after "
+        f"step {lo:g}; worst ratio {worst:.2f}× over {len(common)} probe steps",
+        "curvature.png",
+    )
 
 
 def loss_pathology(base: Run, treat: Run) -> Criterion:
@@ -242,9 +283,12 @@ def loss_pathology(base: Run, treat: Run) -> Criterion:
     if not len(vals[0]) or not len(vals[1]):
         return Criterion(name, NA, f"no {key} in the last quarter of one run")
     ratio = float(vals[1].mean() / vals[0].mean())
-    return Criterion(name, PASS if ratio < 2 and np.isfinite(ratio) else FAIL,
-                     f"rule: unweighted ε-MSE over the last quarter < 2× {base.name}'s; "
-                     f"ratio {ratio:.2f}×", "loss.png")
+    return Criterion(
+        name,
+        PASS if ratio < 2 and np.isfinite(ratio) else FAIL,
+        f"rule: unweighted ε-MSE over the last quarter < 2× {base.name}'s; ratio {ratio:.2f}×",
+        "loss.png",
+    )
 
 
 def confound_sentence(card: Criterion, unweighted: Criterion, rescaled: Criterion) -> str:
@@ -252,16 +296,24 @@ def confound_sentence(card: Criterion, unweighted: Criterion, rescaled: Criterio
     if card.status == NA:
         return "The card's curvature verdict is not evaluable, so the confound cannot be checked."
     if NA in statuses:
-        return ("The unweighted trace was not logged for both runs, so whether the verdict "
-                "survives the loss-scale confound cannot be said.")
+        return (
+            "The unweighted trace was not logged for both runs, so whether the verdict "
+            "survives the loss-scale confound cannot be said."
+        )
     if card.status == PASS and statuses == {PASS}:
-        return ("The card's verdict survives the loss-scale confound: the trace is also lower "
-                "on the unweighted loss and after dividing by the mean weight.")
+        return (
+            "The card's verdict survives the loss-scale confound: the trace is also lower "
+            "on the unweighted loss and after dividing by the mean weight."
+        )
     if card.status == PASS:
-        return ("The card's verdict does not survive the loss-scale confound: part or all of "
-                "the lower trace is Min-SNR's smaller mean weight, not a flatter landscape.")
-    return ("The card's criterion failed on the weighted trace; the unweighted comparisons "
-            f"give {unweighted.status} / {rescaled.status}.")
+        return (
+            "The card's verdict does not survive the loss-scale confound: part or all of "
+            "the lower trace is Min-SNR's smaller mean weight, not a flatter landscape."
+        )
+    return (
+        "The card's criterion failed on the weighted trace; the unweighted comparisons "
+        f"give {unweighted.status} / {rescaled.status}."
+    )
 
 
 # ----------------------------------------------------------------------- plots
@@ -293,7 +345,7 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for run in runs:
         s, v = run.series("train/loss")
-        line, = axes[0].plot(s, v, alpha=0.35)
+        (line,) = axes[0].plot(s, v, alpha=0.35)
         axes[0].plot(s, _smooth(v), color=line.get_color(), label=run.label)
         s, v = run.series("train/mse_unweighted")
         axes[1].plot(s, _smooth(v), label=run.label)
@@ -308,17 +360,19 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
         for run in runs:
             s, m = run.series(TRACE)
             _, sd = run.series(TRACE_STD)
-            line, = axes[0].plot(s, m, marker="o", ms=3, label=run.label)
+            (line,) = axes[0].plot(s, m, marker="o", ms=3, label=run.label)
             if len(sd) == len(m):
                 axes[0].fill_between(s, m - sd, m + sd, color=line.get_color(), alpha=0.2)
             s, m = run.series(TRACE_UNW)
             if len(s):
-                axes[1].plot(s, m, marker="o", ms=3, color=line.get_color(),
-                             label=f"{run.name} unweighted")
+                axes[1].plot(
+                    s, m, marker="o", ms=3, color=line.get_color(), label=f"{run.name} unweighted"
+                )
             elif run.weighting == "uniform":
                 s, m = run.series(TRACE)
-                axes[1].plot(s, m, marker="o", ms=3, color=line.get_color(),
-                             label=f"{run.name} (uniform)")
+                axes[1].plot(
+                    s, m, marker="o", ms=3, color=line.get_color(), label=f"{run.name} (uniform)"
+                )
         axes[0].set(title="curvature/hutch_trace_mean ± std (weighted loss)", xlabel="step")
         axes[1].set(title="trace of the unweighted ε-MSE", xlabel="step")
         for ax in axes:
@@ -329,7 +383,7 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for run in runs:
             s, v = run.series(FID_MILESTONE)
-            line, = ax.plot(s, v, marker="o", label=run.label)
+            (line,) = ax.plot(s, v, marker="o", label=run.label)
             final = run.value(FID_FINAL)
             if final is not None:
                 ax.scatter([run.total_steps], [final], marker="*", s=120, color=line.get_color())
@@ -378,16 +432,23 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
         return [Criterion("paired runs present", NA, "need one uniform and one Min-SNR run")], notes
     base, treat = p
     if base.total_steps != CARD_STEPS:
-        notes.append(f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
-                     f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}.")
+        notes.append(
+            f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
+            f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}."
+        )
     if card == "e6":
         card_crit = curvature_reduction(base, treat)
         crits = [card_crit, spike_count(base, treat), *fid_band(base, treat)]
     else:
         card_crit = curvature_reduction(base, treat, lo=2000)
-        crits = [completed(base), completed(treat), fid_ratio(base, treat, "best"),
-                 fid_ratio(base, treat, "final"), loss_pathology(base, treat),
-                 exploding_curvature(base, treat)]
+        crits = [
+            completed(base),
+            completed(treat),
+            fid_ratio(base, treat, "best"),
+            fid_ratio(base, treat, "final"),
+            loss_pathology(base, treat),
+            exploding_curvature(base, treat),
+        ]
         linear = pair(runs, "linear")
         if linear is not None and card == "e9":
             crits.append(fid_gap_persists(linear, (base, treat)))
@@ -412,9 +473,12 @@ def _unweighted_reduction(base: Run, treat: Run, lo: float) -> Criterion:
     if not len(b) or not len(t):
         return Criterion(name, NA, "no unweighted trace in that range")
     change = relative_change(float(t.mean()), float(b.mean()))
-    return Criterion(name, PASS if change <= -0.15 else FAIL,
-                     f"{treat.name} {t.mean():.4g} vs {base.name} {b.mean():.4g}: {change:+.1%}",
-                     "curvature.png")
+    return Criterion(
+        name,
+        PASS if change <= -0.15 else FAIL,
+        f"{treat.name} {t.mean():.4g} vs {base.name} {b.mean():.4g}: {change:+.1%}",
+        "curvature.png",
+    )
 
 
 def fid_gap_persists(linear: tuple[Run, Run], cosine: tuple[Run, Run]) -> Criterion:
@@ -426,15 +490,23 @@ def fid_gap_persists(linear: tuple[Run, Run], cosine: tuple[Run, Run]) -> Criter
     if None in gaps:
         return Criterion(name, NA, "final FID missing in the linear or cosine pair")
     worse = gaps[1] > gaps[0]
-    return Criterion(name, FAIL if worse else PASS,
-                     f"linear {gaps[0]:.2f}×, cosine {gaps[1]:.2f}×: the gap "
-                     f"{'worsens' if worse else 'does not worsen'} under cosine", "fid.png")
+    return Criterion(
+        name,
+        FAIL if worse else PASS,
+        f"linear {gaps[0]:.2f}×, cosine {gaps[1]:.2f}×: the gap "
+        f"{'worsens' if worse else 'does not worsen'} under cosine",
+        "fid.png",
+    )
 
 
 def card_table(runs: list[Run]) -> str:
-    keys = [("train/loss", "final train/loss"), ("train/mse_unweighted", "final unweighted MSE"),
-            (TRACE, "final hutch_trace_mean"), (FID_FINAL, "eval/final/fid"),
-            ("loss/mean_weight", "mean weight")]
+    keys = [
+        ("train/loss", "final train/loss"),
+        ("train/mse_unweighted", "final unweighted MSE"),
+        (TRACE, "final hutch_trace_mean"),
+        (FID_FINAL, "eval/final/fid"),
+        ("loss/mean_weight", "mean weight"),
+    ]
     head = "| run | steps | " + " | ".join(label for _, label in keys) + " | img/s |"
     lines = [head, "|" + "---|" * (len(keys) + 3)]
     for run in runs:
@@ -443,8 +515,11 @@ def card_table(runs: list[Run]) -> str:
             v = run.value(key)
             cells.append("—" if v is None else f"{v:.4g}")
         ips = run.summary.get("images_per_sec")
-        lines.append(f"| {run.label} | {run.summary.get('step', '—')} | " + " | ".join(cells) +
-                     f" | {'—' if ips is None else f'{ips:.1f}'} |")
+        lines.append(
+            f"| {run.label} | {run.summary.get('step', '—')} | "
+            + " | ".join(cells)
+            + f" | {'—' if ips is None else f'{ips:.1f}'} |"
+        )
     return "\n".join(lines)
 
 
@@ -453,12 +528,23 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
     card = card or detect_card(runs)
     figures = make_plots(runs, out)
     crits, notes = evaluate(runs, card)
-    title = {"e6": "W1-E6 — Min-SNR vs vanilla ε-MSE, curvature under linear β",
-             "e9": "MS1-e9 — Min-SNR vs vanilla ε-MSE under cosine β"}.get(card, "Run report")
+    title = {
+        "e6": "W1-E6 — Min-SNR vs vanilla ε-MSE, curvature under linear β",
+        "e9": "MS1-e9 — Min-SNR vs vanilla ε-MSE under cosine β",
+    }.get(card, "Run report")
     icon = {PASS: "✅ pass", FAIL: "❌ fail", NA: "⚪ not evaluable"}
-    md = [f"# {title}", "", "Runs: " + ", ".join(f"`{r.path}`" for r in runs), "",
-          card_table(runs), "", "## Criteria", "",
-          "| criterion | result | numbers | figure |", "|---|---|---|---|"]
+    md = [
+        f"# {title}",
+        "",
+        "Runs: " + ", ".join(f"`{r.path}`" for r in runs),
+        "",
+        card_table(runs),
+        "",
+        "## Criteria",
+        "",
+        "| criterion | result | numbers | figure |",
+        "|---|---|---|---|",
+    ]
     md += [f"| {c.name} | {icon[c.status]} | {c.detail} | {c.figure} |" for c in crits]
     md += ["", *[f"- {n}" for n in notes], ""]
     for fig in figures:
@@ -494,22 +580,26 @@ def _html(md: str, out: Path, figures: list[str]) -> str:
         elif line.startswith("- "):
             body.append(f"<p>• {html.escape(line[2:])}</p>")
         elif line.startswith("!["):
-            name = line[line.index("(") + 1:-1]
+            name = line[line.index("(") + 1 : -1]
             data = base64.b64encode((out / name).read_bytes()).decode()
             body.append(f'<img alt="{name}" src="data:image/png;base64,{data}">')
         elif line:
             body.append(f"<p>{html.escape(line)}</p>")
     if in_table:
         body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-             "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px}"
-             "img{max-width:100%}")
-    return (f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body))
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:100%}"
+    )
+    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.report",
-                                     description="Plots, criteria and verdicts for a card's runs.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.report",
+        description="Plots, criteria and verdicts for a card's runs.",
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories")
     parser.add_argument("--card", choices=["e6", "e9"], help="default: from the experiment names")
     parser.add_argument("--out", type=Path, help="default: <first run>/report")

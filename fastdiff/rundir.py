@@ -83,8 +83,13 @@ def resolve_checkpoint(resume: str) -> Path:
 class MetricsLog:
     """metrics.jsonl and TensorBoard, written by the main process only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
-                 hparams: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int | None = None,
+        hparams: Callable[[], dict] | None = None,
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
@@ -92,8 +97,11 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             # Drop what the interrupted run logged past its last checkpoint.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line and json.loads(line).get("step", 0) <= resume_step
+            ]
             write_text(self.path, "".join(f"{line}\n" for line in kept))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -104,8 +112,13 @@ class MetricsLog:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) if isinstance(v, float)
-                                else v for k, v in metrics.items()}}
+        row = {
+            "step": step,
+            **{
+                k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+                for k, v in metrics.items()
+            },
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for key, value in metrics.items():

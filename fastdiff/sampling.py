@@ -56,8 +56,14 @@ def _device_of(model) -> torch.device:
 
 @register("ddpm")
 @torch.no_grad()
-def ddpm_sample(model, shape, schedule: Schedule, nfe: int, generator: torch.Generator,
-                variance: str = "posterior") -> torch.Tensor:
+def ddpm_sample(
+    model,
+    shape,
+    schedule: Schedule,
+    nfe: int,
+    generator: torch.Generator,
+    variance: str = "posterior",
+) -> torch.Tensor:
     """Ancestral sampling, DDPM Algorithm 2, on the respaced chain.
 
     Each step draws x_{i−1} ~ N(μ̃(x_i, x̂0), σ_i²) with the posterior mean
@@ -87,8 +93,9 @@ def ddpm_sample(model, shape, schedule: Schedule, nfe: int, generator: torch.Gen
 
 @register("ddim")
 @torch.no_grad()
-def ddim_sample(model, shape, schedule: Schedule, nfe: int,
-                generator: torch.Generator) -> torch.Tensor:
+def ddim_sample(
+    model, shape, schedule: Schedule, nfe: int, generator: torch.Generator
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0, Song et al. 2021, eq. 12) on the respaced chain:
     x_{i−1} = √ᾱ'_{i−1} x̂0 + √(1−ᾱ'_{i−1}) ε̂, with ε̂ re-derived from the clipped x̂0."""
     device = _device_of(model)
@@ -106,8 +113,9 @@ def ddim_sample(model, shape, schedule: Schedule, nfe: int,
     return x
 
 
-def sample(name: str, model, shape, schedule: Schedule, nfe: int,
-           generator: torch.Generator) -> torch.Tensor:
+def sample(
+    name: str, model, shape, schedule: Schedule, nfe: int, generator: torch.Generator
+) -> torch.Tensor:
     """Look a sampler up by name (``sampling.sampler`` in the config) and run it."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")

@@ -19,8 +19,9 @@ def stream_seed(seed: int, stream: str, *counters: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def stream_generator(seed: int, stream: str, *counters: int,
-                     device: str | torch.device = "cpu") -> torch.Generator:
+def stream_generator(
+    seed: int, stream: str, *counters: int, device: str | torch.device = "cpu"
+) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(stream_seed(seed, stream, *counters))
     return g

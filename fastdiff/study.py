@@ -23,12 +23,16 @@ STUDIES = {"e9": ("e9a", "e9b"), "e6": ("e5", "e6")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.study",
-                                     description="Run a card's paired arms and report.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.study", description="Run a card's paired arms and report."
+    )
     parser.add_argument("card", choices=sorted(STUDIES))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to both arms")
-    parser.add_argument("--launch", default="accelerate launch",
-                        help="launcher command and arguments (default: %(default)s)")
+    parser.add_argument(
+        "--launch",
+        default="accelerate launch",
+        help="launcher command and arguments (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, help="study dir (default: runs/study/CARD/<time>)")
     args = parser.parse_args(argv)
 
@@ -44,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if launch[:2] == ["accelerate", "launch"]:  # the launcher of this interpreter's env
         launch = [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
     for arm in arms:
-        cmd = [*launch, "-m", "fastdiff.train", arm, *args.overrides,
-               f"train.run_dir={root / arm}"]
+        cmd = [*launch, "-m", "fastdiff.train", arm, *args.overrides, f"train.run_dir={root / arm}"]
         print("$", shlex.join(cmd), flush=True)
         if subprocess.call(cmd) != 0:
-            print(f"fastdiff.study: arm {arm} failed; the report covers what finished",
-                  file=sys.stderr)
+            print(
+                f"fastdiff.study: arm {arm} failed; the report covers what finished",
+                file=sys.stderr,
+            )
     from fastdiff.report import Run, write_report
 
     runs = [Run.load(root / arm) for arm in arms if (root / arm / "metrics.jsonl").exists()]

@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(usage())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         overrides, print_cfg = parse_args(argv)
         node = compose(overrides)
@@ -86,8 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastdiff: error: {err}", file=sys.stderr)
         return 2
-    logging.getLogger("fastdiff").info("done: %s", {k: summary[k] for k in (
-        "step", "train/loss", "wall_time_s", "images_per_sec") if k in summary})
+    logging.getLogger("fastdiff").info(
+        "done: %s",
+        {
+            k: summary[k]
+            for k in ("step", "train/loss", "wall_time_s", "images_per_sec")
+            if k in summary
+        },
+    )
     return 0
 
 

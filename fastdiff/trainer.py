@@ -82,8 +82,14 @@ class Trainer:
         torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
 
         # Data first: a missing or unreadable data set fails before anything is written.
-        self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed,
-                                    self.acc.process_index, self.acc.num_processes, self.device)
+        self.batches = make_batches(
+            cfg.data,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            self.acc.process_index,
+            self.acc.num_processes,
+            self.device,
+        )
         self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
 
         self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
@@ -91,13 +97,18 @@ class Trainer:
         self.weights = self.schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma)
         self.weights = self.weights.float().to(self.device)
 
-        model = build_model(cfg.model.name, cfg.model.base_channels, cfg.model.dropout,
-                            cfg.data.image_size).to(self.device)
+        model = build_model(
+            cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
+        ).to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.ema = EMA(model, cfg.train.ema_decay)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
-                               betas=(cfg.optim.beta1, cfg.optim.beta2),
-                               weight_decay=cfg.optim.weight_decay)
+        opt = torch.optim.Adam(
+            model.parameters(),
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            weight_decay=cfg.optim.weight_decay,
+            fused=True,
+        )
         self.model, self.opt = self.acc.prepare(model, opt)
         self.forward = torch.compile(self.model) if cfg.train.compile else self.model
 
@@ -109,10 +120,15 @@ class Trainer:
             self.batches.seek(self.start_step)
         if self.acc.is_main_process:
             write_text(self.run_dir / "config.yaml", config_yaml(cfg))
-        self.metrics = MetricsLog(self.run_dir, self.acc.is_main_process,
-                                  self.start_step if resume else None, lambda: flat(cfg))
-        self.probe = (self._make_probe(probe_pool(cfg.data, self.batches))
-                      if cfg.curvature.enabled else None)
+        self.metrics = MetricsLog(
+            self.run_dir,
+            self.acc.is_main_process,
+            self.start_step if resume else None,
+            lambda: flat(cfg),
+        )
+        self.probe = (
+            self._make_probe(probe_pool(cfg.data, self.batches)) if cfg.curvature.enabled else None
+        )
 
     # ----------------------------------------------------------------- set-up
     def _run_dir(self, resume: Path | None) -> Path:
@@ -129,8 +145,13 @@ class Trainer:
 
     def _make_probe(self, images: torch.Tensor) -> RunProbes:
         c = self.cfg.curvature
-        log.info("curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, "
-                 "fp32, every %d steps", c.probes, c.batch_size, self._probe_every)
+        log.info(
+            "curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, "
+            "fp32, every %d steps",
+            c.probes,
+            c.batch_size,
+            self._probe_every,
+        )
         return RunProbes(images, self.cfg, self.alphas_cumprod, self.weights, self.device)
 
     @property
@@ -141,8 +162,9 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg, rank = self.cfg, self.acc.process_index
         x0 = self.batches.batch(step)
-        t, noise = draw_t_noise(cfg.train.seed, step, rank, x0.shape[0], self.image_shape,
-                                cfg.diffusion.T, self.device)
+        t, noise = draw_t_noise(
+            cfg.train.seed, step, rank, x0.shape[0], self.image_shape, cfg.diffusion.T, self.device
+        )
         torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
         with self.acc.autocast():
             per_sample = eps_loss(self.forward, x0, t, noise, self.alphas_cumprod, self.weights)
@@ -163,11 +185,22 @@ class Trainer:
         cfg = self.cfg
         total = cfg.train.total_steps
         if self.acc.is_main_process:
-            log.info("run dir %s | %s | %.2fM params | %s x%d | %s", self.run_dir, cfg.experiment,
-                     self.n_params / 1e6, self.device, self.acc.num_processes,
-                     self.acc.mixed_precision)
-        bar = tqdm(total=total, initial=self.start_step, desc=cfg.experiment, unit="step",
-                   disable=not (cfg.train.progress and self.acc.is_main_process))
+            log.info(
+                "run dir %s | %s | %.2fM params | %s x%d | %s",
+                self.run_dir,
+                cfg.experiment,
+                self.n_params / 1e6,
+                self.device,
+                self.acc.num_processes,
+                self.acc.mixed_precision,
+            )
+        bar = tqdm(
+            total=total,
+            initial=self.start_step,
+            desc=cfg.experiment,
+            unit="step",
+            disable=not (cfg.train.progress and self.acc.is_main_process),
+        )
         wall_start, train_seconds, images_seen = time.perf_counter(), 0.0, 0
         window = Window.new(self.device)
         last: dict[str, float] = {}
@@ -186,11 +219,17 @@ class Trainer:
                 last, seconds = self._log(done, window)
                 train_seconds += seconds
                 images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
-                bar.set_postfix(loss=f"{last['train/loss']:.4f}",
-                                img_s=f"{last['perf/images_per_sec']:.0f}")
+                bar.set_postfix(
+                    loss=f"{last['train/loss']:.4f}", img_s=f"{last['perf/images_per_sec']:.0f}"
+                )
                 if bar.disable and self.acc.is_main_process:
-                    log.info("step %d/%d  train/loss %.4f  %.0f img/s", done, total,
-                             last["train/loss"], last["perf/images_per_sec"])
+                    log.info(
+                        "step %d/%d  train/loss %.4f  %.0f img/s",
+                        done,
+                        total,
+                        last["train/loss"],
+                        last["perf/images_per_sec"],
+                    )
                 window = Window.new(self.device)
             for every, job in self._periodic():
                 if done % every == 0 or done == total:
@@ -198,20 +237,26 @@ class Trainer:
                     job(done)
                     window.excluded += time.perf_counter() - t0
         bar.close()
-        summary = {**last, "step": total, "experiment": cfg.experiment,
-                   "wall_time_s": time.perf_counter() - wall_start,
-                   "train_time_s": train_seconds,
-                   "images_per_sec": images_seen / train_seconds if train_seconds else None,
-                   "params": self.n_params, "device": str(self.device),
-                   "processes": self.acc.num_processes}
+        summary = {
+            **last,
+            "step": total,
+            "experiment": cfg.experiment,
+            "wall_time_s": time.perf_counter() - wall_start,
+            "train_time_s": train_seconds,
+            "images_per_sec": images_seen / train_seconds if train_seconds else None,
+            "params": self.n_params,
+            "device": str(self.device),
+            "processes": self.acc.num_processes,
+        }
         self.metrics.close()
         if self.acc.is_main_process:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if cfg.train.report:
                 from fastdiff.report import Run, write_report
 
-                log.info("report: %s", write_report([Run.load(self.run_dir)],
-                                                    self.run_dir / "report"))
+                log.info(
+                    "report: %s", write_report([Run.load(self.run_dir)], self.run_dir / "report")
+                )
         self.acc.wait_for_everyone()
         return summary
 
@@ -219,8 +264,10 @@ class Trainer:
         jobs = []
         if self.probe is not None:
             jobs.append((self._probe_every, self._probe_curvature))
-        jobs += [(self.cfg.sampling.grid_every, self._save_grid),
-                 (self.cfg.train.ckpt_every, self._save_checkpoint)]
+        jobs += [
+            (self.cfg.sampling.grid_every, self._save_grid),
+            (self.cfg.train.ckpt_every, self._save_checkpoint),
+        ]
         return jobs
 
     # -------------------------------------------------------- periodic work
@@ -230,14 +277,21 @@ class Trainer:
         loss, mse, grad_norm = sums.tolist()
         seconds = time.perf_counter() - w.start - w.excluded
         images = w.steps * self.cfg.train.batch_size * self.acc.num_processes
-        metrics = {"train/loss": loss, "train/mse_unweighted": mse, "train/grad_norm": grad_norm,
-                   "train/lr": self.cfg.optim.lr, "perf/images_per_sec": images / seconds,
-                   "perf/seconds_per_step": seconds / w.steps,
-                   "data/skipped": self._total_skipped()}
+        metrics = {
+            "train/loss": loss,
+            "train/mse_unweighted": mse,
+            "train/grad_norm": grad_norm,
+            "train/lr": self.cfg.optim.lr,
+            "perf/images_per_sec": images / seconds,
+            "perf/seconds_per_step": seconds / w.steps,
+            "data/skipped": self._total_skipped(),
+        }
         self.metrics.log(step, metrics)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"train/loss is {loss} at step {step}: the run diverged "
-                                     f"(last checkpoint in {self.run_dir / 'checkpoints'})")
+            raise FloatingPointError(
+                f"train/loss is {loss} at step {step}: the run diverged "
+                f"(last checkpoint in {self.run_dir / 'checkpoints'})"
+            )
         return metrics, seconds
 
     def _total_skipped(self) -> int:
@@ -259,8 +313,14 @@ class Trainer:
 
         cfg = self.cfg.sampling
         g = stream_generator(cfg.seed, "grid")
-        x = sample(cfg.grid_sampler, self.ema.model, (cfg.grid_images, *self.image_shape),
-                   self.schedule, cfg.grid_nfe, g)
+        x = sample(
+            cfg.grid_sampler,
+            self.ema.model,
+            (cfg.grid_images, *self.image_shape),
+            self.schedule,
+            cfg.grid_nfe,
+            g,
+        )
         x = (x.float().cpu() + 1) / 2
         if x.shape[-1] < 32:  # small images: upscale so the grid is readable
             x = torch.nn.functional.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
@@ -272,15 +332,19 @@ class Trainer:
 
     def _save_checkpoint(self, step: int) -> None:
         if self.acc.is_main_process:
-            state = {"step": step, "model": self.acc.unwrap_model(self.model).state_dict(),
-                     "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
-                     "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None,
-                     # Data order, t, noise and dropout are streams keyed by (seed, step):
-                     # the step restores them exactly. The CPU state is kept for anything else.
-                     "rng": {"torch": torch.get_rng_state()},
-                     "config": config_yaml(self.cfg)}
+            state = {
+                "step": step,
+                "model": self.acc.unwrap_model(self.model).state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None,
+                # Data order, t, noise and dropout are streams keyed by (seed, step):
+                # the step restores them exactly. The CPU state is kept for anything else.
+                "rng": {"torch": torch.get_rng_state()},
+                "config": config_yaml(self.cfg),
+            }
             save_torch(state, self.run_dir / "checkpoints" / f"step_{step:07d}.pt")
-            for old in checkpoints(self.run_dir)[:-self.cfg.train.keep_checkpoints]:
+            for old in checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
                 old.unlink()
         self.acc.wait_for_everyone()
 
@@ -292,8 +356,9 @@ class Trainer:
         if self.acc.scaler is not None and state.get("scaler"):
             self.acc.scaler.load_state_dict(state["scaler"])
         if state["step"] >= self.cfg.train.total_steps:
-            log.warning("checkpoint %s is already at step %d >= train.total_steps", path,
-                        state["step"])
+            log.warning(
+                "checkpoint %s is already at step %d >= train.total_steps", path, state["step"]
+            )
         log.info("resumed from %s at step %d", path, state["step"])
         return state["step"]
 

@@ -34,8 +34,9 @@ class UNetSpec:
 # base_channels=128; the cards use 64). `unet_tiny` is for the quickstart and the tests.
 MODELS: dict[str, UNetSpec] = {
     "unet_cifar32": UNetSpec(ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)),
-    "unet_tiny": UNetSpec(ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                          norm_groups=8),
+    "unet_tiny": UNetSpec(
+        ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), norm_groups=8
+    ),
 }
 
 
@@ -96,16 +97,25 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, spec: UNetSpec, base_channels: int = 64, dropout: float = 0.1,
-                 image_size: int = 32, in_channels: int = 3):
+    def __init__(
+        self,
+        spec: UNetSpec,
+        base_channels: int = 64,
+        dropout: float = 0.1,
+        image_size: int = 32,
+        in_channels: int = 3,
+    ):
         super().__init__()
         ch, g = base_channels, spec.norm_groups
         if ch % g:
-            raise ValueError(f"model.base_channels={ch} must be a multiple of {g} "
-                             "(the GroupNorm groups)")
+            raise ValueError(
+                f"model.base_channels={ch} must be a multiple of {g} (the GroupNorm groups)"
+            )
         if image_size % 2 ** (len(spec.ch_mult) - 1):
-            raise ValueError(f"image size {image_size} is not divisible by "
-                             f"{2 ** (len(spec.ch_mult) - 1)} (the UNet's downsampling)")
+            raise ValueError(
+                f"image size {image_size} is not divisible by "
+                f"{2 ** (len(spec.ch_mult) - 1)} (the UNet's downsampling)"
+            )
         temb_ch = 4 * ch
         self.base_channels = ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
@@ -115,8 +125,9 @@ class UNet(nn.Module):
         skips, cur, res = [ch], ch, image_size
         for level, mult in enumerate(spec.ch_mult):
             for _ in range(spec.num_res_blocks):
-                self.down.append(self._block(cur, ch * mult, temb_ch, dropout, g,
-                                             res in spec.attn_resolutions))
+                self.down.append(
+                    self._block(cur, ch * mult, temb_ch, dropout, g, res in spec.attn_resolutions)
+                )
                 cur = ch * mult
                 skips.append(cur)
             if level != len(spec.ch_mult) - 1:
@@ -124,22 +135,40 @@ class UNet(nn.Module):
                 skips.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, temb_ch, dropout, g), Attention(cur, g),
-                                  ResBlock(cur, cur, temb_ch, dropout, g)])
+        self.mid = nn.ModuleList(
+            [
+                ResBlock(cur, cur, temb_ch, dropout, g),
+                Attention(cur, g),
+                ResBlock(cur, cur, temb_ch, dropout, g),
+            ]
+        )
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(spec.ch_mult))):
             for _ in range(spec.num_res_blocks + 1):
-                self.up.append(self._block(cur + skips.pop(), ch * mult, temb_ch, dropout, g,
-                                           res in spec.attn_resolutions))
+                self.up.append(
+                    self._block(
+                        cur + skips.pop(),
+                        ch * mult,
+                        temb_ch,
+                        dropout,
+                        g,
+                        res in spec.attn_resolutions,
+                    )
+                )
                 cur = ch * mult
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(cur, cur, 3, padding=1)))
+                self.up.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"),
+                        nn.Conv2d(cur, cur, 3, padding=1),
+                    )
+                )
                 res *= 2
 
-        self.out = nn.Sequential(GroupNormSiLU(g, cur), _zero(nn.Conv2d(cur, in_channels, 3,
-                                                                         padding=1)))
+        self.out = nn.Sequential(
+            GroupNormSiLU(g, cur), _zero(nn.Conv2d(cur, in_channels, 3, padding=1))
+        )
 
     @staticmethod
     def _block(in_ch, out_ch, temb_ch, dropout, groups, attn: bool) -> nn.Module:

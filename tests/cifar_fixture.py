@@ -29,6 +29,7 @@ def write_cifar_archive(path, per_batch: int = 20, seed: int = 0):
     images, labels = make_cifar_images(per_batch * 6, seed)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     with tarfile.open(path, "w:gz") as tar:
+
         def add(name, obj):
             data = pickle.dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -37,10 +38,22 @@ def write_cifar_archive(path, per_batch: int = 20, seed: int = 0):
 
         for k, name in enumerate(names):
             sl = slice(k * per_batch, (k + 1) * per_batch)
-            add(name, {b"batch_label": name.encode(), b"labels": labels[sl].tolist(),
-                       b"data": images[sl].reshape(per_batch, -1),
-                       b"filenames": [f"{i}.png".encode() for i in range(per_batch)]})
-        add("batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)],
-                             b"num_cases_per_batch": per_batch, b"num_vis": 3072})
+            add(
+                name,
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": labels[sl].tolist(),
+                    b"data": images[sl].reshape(per_batch, -1),
+                    b"filenames": [f"{i}.png".encode() for i in range(per_batch)],
+                },
+            )
+        add(
+            "batches.meta",
+            {
+                b"label_names": [f"class{i}".encode() for i in range(10)],
+                b"num_cases_per_batch": per_batch,
+                b"num_vis": 3072,
+            },
+        )
     n_train = per_batch * 5
     return images[:n_train], labels[:n_train]

@@ -14,8 +14,19 @@ def _seed():
 
 def tiny(tmp_path, *extra: str) -> list[str]:
     """Overrides for a seconds-long run: 8x8 digits, unet_tiny at 16 channels."""
-    return ["model=unet_tiny", "model.base_channels=16", "data=digits", "data.image_size=8",
-            "train.batch_size=4", "train.total_steps=6", "train.log_every=2",
-            "train.ckpt_every=3", "train.progress=false", "sampling.grid_images=4",
-            "sampling.grid_nfe=2", "sampling.grid_every=1000", f"train.runs_root={tmp_path}",
-            *extra]
+    return [
+        "model=unet_tiny",
+        "model.base_channels=16",
+        "data=digits",
+        "data.image_size=8",
+        "train.batch_size=4",
+        "train.total_steps=6",
+        "train.log_every=2",
+        "train.ckpt_every=3",
+        "train.progress=false",
+        "sampling.grid_images=4",
+        "sampling.grid_nfe=2",
+        "sampling.grid_every=1000",
+        f"train.runs_root={tmp_path}",
+        *extra,
+    ]

@@ -26,15 +26,27 @@ def test_base_config_has_the_cards_shared_settings():
     assert cfg.diffusion.T == 1000 and cfg.optim.lr == 1e-4 and cfg.optim.name == "adam"
     t = cfg.train
     assert (t.batch_size, t.amp, t.grad_clip, t.ema_decay, t.seed, t.log_every) == (
-        4, True, 1.0, 0.999, 1077, 500)
+        4,
+        True,
+        1.0,
+        0.999,
+        1077,
+        500,
+    )
     assert cfg.curvature.probes == 16
 
 
-@pytest.mark.parametrize("name, schedule, weighting, steps, curvature", [
-    ("e1", "linear", "uniform", 10_000, False), ("e2", "linear", "minsnr", 50_000, False),
-    ("e5", "linear", "uniform", 10_000, True), ("e6", "linear", "minsnr", 10_000, True),
-    ("e9a", "cosine", "uniform", 10_000, True), ("e9b", "cosine", "minsnr", 10_000, True),
-])
+@pytest.mark.parametrize(
+    "name, schedule, weighting, steps, curvature",
+    [
+        ("e1", "linear", "uniform", 10_000, False),
+        ("e2", "linear", "minsnr", 50_000, False),
+        ("e5", "linear", "uniform", 10_000, True),
+        ("e6", "linear", "minsnr", 10_000, True),
+        ("e9a", "cosine", "uniform", 10_000, True),
+        ("e9b", "cosine", "minsnr", 10_000, True),
+    ],
+)
 def test_study_experiments(name, schedule, weighting, steps, curvature):
     cfg = to_config(compose([f"experiment={name}", "data=digits"]))
     assert cfg.experiment == name
@@ -64,22 +76,26 @@ def test_yaml_files_agree_with_the_store(name):
 
 
 def test_cli_positional_name_and_overrides():
-    overrides, print_cfg = parse_args(["e9b", "train.total_steps=20", "data=digits", "--cfg",
-                                       "job"])
+    overrides, print_cfg = parse_args(
+        ["e9b", "train.total_steps=20", "data=digits", "--cfg", "job"]
+    )
     assert overrides == ["experiment=e9b", "train.total_steps=20", "data=digits"] and print_cfg
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["experiment=e99"], "unknown experiment 'e99': choose one of quickstart"),
-    (["data=digits", "diffusion.beta_schedule=sigmoid"], "unknown diffusion.beta_schedule"),
-    (["data=digits", "loss.weighting=p2"], "unknown loss.weighting"),
-    (["data=digits", "loss.minsnr_gamma=0"], "loss.minsnr_gamma must be > 0"),
-    (["data=digits", "train.total_steps=-5"], "train.total_steps must be a positive"),
-    (["data=digits", "train.batch_size=0"], "train.batch_size must be a positive"),
-    (["data=cifar10"], "data=cifar10 needs data.path, which is not set"),
-    (["data=cifar10", "data.path=/no/such/cifar"], "/no/such/cifar does not exist"),
-    (["data=digits", "train.nope=1"], "bad override"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=e99"], "unknown experiment 'e99': choose one of quickstart"),
+        (["data=digits", "diffusion.beta_schedule=sigmoid"], "unknown diffusion.beta_schedule"),
+        (["data=digits", "loss.weighting=p2"], "unknown loss.weighting"),
+        (["data=digits", "loss.minsnr_gamma=0"], "loss.minsnr_gamma must be > 0"),
+        (["data=digits", "train.total_steps=-5"], "train.total_steps must be a positive"),
+        (["data=digits", "train.batch_size=0"], "train.batch_size must be a positive"),
+        (["data=cifar10"], "data=cifar10 needs data.path, which is not set"),
+        (["data=cifar10", "data.path=/no/such/cifar"], "/no/such/cifar does not exist"),
+        (["data=digits", "train.nope=1"], "bad override"),
+    ],
+)
 def test_bad_input_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         to_config(compose(overrides))
@@ -93,20 +109,41 @@ def test_main_reports_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 def test_help_lists_experiments_and_fits_a_screen():
-    out = subprocess.run([sys.executable, "-m", "fastdiff.train", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fastdiff.train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for name in EXPERIMENTS:
         assert f"  {name} " in out
     assert len(out.splitlines()) <= 40
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("e9b", ["beta_schedule: cosine", "weighting: minsnr", "minsnr_gamma: 5.0",
-             "total_steps: 10000", "seed: 1077", "probes: 16", "ema_decay: 0.999"]),
-    ("e6", ["beta_schedule: linear", "weighting: minsnr", "nfe: 50", "enabled: true"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (
+            "e9b",
+            [
+                "beta_schedule: cosine",
+                "weighting: minsnr",
+                "minsnr_gamma: 5.0",
+                "total_steps: 10000",
+                "seed: 1077",
+                "probes: 16",
+                "ema_decay: 0.999",
+            ],
+        ),
+        ("e6", ["beta_schedule: linear", "weighting: minsnr", "nfe: 50", "enabled: true"]),
+    ],
+)
 def test_print_config_shows_the_card(name, expected):
-    out = subprocess.run([sys.executable, "-m", "fastdiff.train", name, "--cfg", "job"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "fastdiff.train", name, "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for line in expected:
         assert line in out

@@ -38,7 +38,7 @@ def test_small_network_trace_matches_the_exact_hessian():
     def unflatten(flat):
         out, i = {}, 0
         for n, s in zip(names, shapes):
-            out[n] = flat[i:i + s.numel()].view(s)
+            out[n] = flat[i : i + s.numel()].view(s)
             i += s.numel()
         return out
 
@@ -47,8 +47,9 @@ def test_small_network_trace_matches_the_exact_hessian():
         return ((torch.func.functional_call(net, params, (x,)) - y) ** 2).mean()
 
     exact = torch.func.hessian(lambda f: loss(unflatten(f)))(flat0).trace()  # dense 21x21
-    est = hutchinson_trace(loss, unflatten(flat0), 4000, torch.Generator().manual_seed(1),
-                           chunk_size=1000)
+    est = hutchinson_trace(
+        loss, unflatten(flat0), 4000, torch.Generator().manual_seed(1), chunk_size=1000
+    )
     assert abs(est.mean - exact.item()) < 4 * est.stderr + 1e-6
     assert est.stderr < 0.2 * abs(exact.item())
 
@@ -65,8 +66,10 @@ def test_single_probe_equals_explicit_double_backward():
     est = hutchinson_trace(loss_of, params, 1, torch.Generator().manual_seed(3))
     # The same Rademacher vector, drawn the same way, then Hv by double backward.
     g = torch.Generator().manual_seed(3)
-    v = {k: torch.randint(0, 2, (1, *p.shape), generator=g).float()[0] * 2 - 1
-         for k, p in params.items()}
+    v = {
+        k: torch.randint(0, 2, (1, *p.shape), generator=g).float()[0] * 2 - 1
+        for k, p in params.items()
+    }
     grads = torch.autograd.grad(loss_of(params), list(params.values()), create_graph=True)
     dot = sum((gr * v[k]).sum() for gr, k in zip(grads, params))
     hv = torch.autograd.grad(dot, list(params.values()))
@@ -75,8 +78,17 @@ def test_single_probe_equals_explicit_double_backward():
 
 
 def _cfg(tmp_path, *extra):
-    return to_config(compose(tiny(tmp_path, "curvature.enabled=true", "curvature.probes=3",
-                                  "curvature.batch_size=2", *extra)))
+    return to_config(
+        compose(
+            tiny(
+                tmp_path,
+                "curvature.enabled=true",
+                "curvature.probes=3",
+                "curvature.batch_size=2",
+                *extra,
+            )
+        )
+    )
 
 
 def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
@@ -85,8 +97,9 @@ def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
     for weighting in ("uniform", "minsnr"):
         cfg = _cfg(tmp_path, f"loss={weighting}")
         sched = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-        made[weighting] = RunProbes(images, cfg, sched.alphas_cumprod.float(),
-                                    sched.loss_weights(weighting, 5.0), "cpu")
+        made[weighting] = RunProbes(
+            images, cfg, sched.alphas_cumprod.float(), sched.loss_weights(weighting, 5.0), "cpu"
+        )
     a, b = made["uniform"].main, made["minsnr"].main
     assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise)
     model = build_model("unet_tiny", 16, 0.1, 8)
@@ -101,8 +114,13 @@ def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
 def test_time_bins_are_logged(tmp_path):
     cfg = _cfg(tmp_path, "curvature.t_bins=2", "diffusion.T=100")
     sched = Schedule.make("linear", 100)
-    probes = RunProbes(load_images("digits", None, 8), cfg, sched.alphas_cumprod.float(),
-                       sched.loss_weights("uniform", 5.0), "cpu")
+    probes = RunProbes(
+        load_images("digits", None, 8),
+        cfg,
+        sched.alphas_cumprod.float(),
+        sched.loss_weights("uniform", 5.0),
+        "cpu",
+    )
     assert probes.bins["t0-49"].t.max() < 50 <= probes.bins["t50-99"].t.min()
     out = probes(build_model("unet_tiny", 16, 0.1, 8))
     assert {"curvature/hutch/t0-49/trace_mean", "curvature/hutch/t50-99/trace_std"} <= set(out)
@@ -113,9 +131,17 @@ def test_probe_does_not_change_training(tmp_path):
 
     finals = []
     for on in ("true", "false"):
-        cfg = to_config(compose(tiny(tmp_path / on, f"curvature.enabled={on}",
-                                     "curvature.probes=2", "curvature.batch_size=2",
-                                     "curvature.every=2")))
+        cfg = to_config(
+            compose(
+                tiny(
+                    tmp_path / on,
+                    f"curvature.enabled={on}",
+                    "curvature.probes=2",
+                    "curvature.batch_size=2",
+                    "curvature.every=2",
+                )
+            )
+        )
         training_loop(cfg)
         (ckpt,) = (tmp_path / on).rglob("step_0000006.pt")
         finals.append(torch.load(ckpt)["model"])
@@ -145,5 +171,6 @@ def test_minsnr_mean_weight_matches_the_issue_figures():
     assert np.mean(np.minimum(s, 5) / s) == pytest.approx(0.913, abs=1e-3)
     got = Schedule.make("linear", 1000).loss_weights("minsnr", 5.0).mean().item()
     assert got == pytest.approx(np.mean(np.minimum(s, 5) / s), rel=1e-9)
-    assert Schedule.make("cosine", 1000).loss_weights("minsnr", 5.0).mean().item() == \
-        pytest.approx(0.824, abs=1e-3)
+    assert Schedule.make("cosine", 1000).loss_weights("minsnr", 5.0).mean().item() == pytest.approx(
+        0.824, abs=1e-3
+    )

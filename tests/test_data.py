@@ -19,8 +19,7 @@ def cifar(tmp_path_factory):
     archive = root / "cifar-10-python.tar.gz"
     images, labels = write_cifar_archive(archive, per_batch=20)
     out = root / "shards"
-    assert prepare(["cifar10", "--src", str(archive), "--out", str(out),
-                    "--shard-size", "30"]) == 0
+    assert prepare(["cifar10", "--src", str(archive), "--out", str(out), "--shard-size", "30"]) == 0
     return archive, out, images, labels
 
 
@@ -49,8 +48,10 @@ def test_prepare_refuses_to_overwrite_and_explains_missing_archive(cifar, tmp_pa
     archive, out, *_ = cifar
     assert prepare(["cifar10", "--src", str(archive), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert prepare(["cifar10", "--src", str(tmp_path / "nope.tar.gz"), "--out",
-                    str(tmp_path / "o")]) == 2
+    assert (
+        prepare(["cifar10", "--src", str(tmp_path / "nope.tar.gz"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "cifar-10-python.tar.gz" in err and "fastdiff.data.prepare" in err
     assert not (tmp_path / "o").exists()
@@ -61,9 +62,22 @@ def test_prepare_folder_format(tmp_path):
         (tmp_path / "src" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * i + (cls == "dog"), np.uint8)).save(
-                tmp_path / "src" / cls / f"{i}.png")
-    assert prepare(["pets", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
-                    "--format", "folder"]) == 0
+                tmp_path / "src" / cls / f"{i}.png"
+            )
+    assert (
+        prepare(
+            [
+                "pets",
+                "--src",
+                str(tmp_path / "src"),
+                "--out",
+                str(tmp_path / "out"),
+                "--format",
+                "folder",
+            ]
+        )
+        == 0
+    )
     ref = ShardImages(tmp_path / "out")
     assert ref.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert ref.manifest["classes"] == ["cat", "dog"] and ref[4][0, 0, 0].item() == 41
@@ -142,9 +156,20 @@ def test_training_from_shards(cifar, tmp_path):
 
     _, out, *_ = cifar
     overrides = [o for o in tiny(tmp_path) if not o.startswith("data")]
-    cfg = to_config(compose([*overrides, "data=cifar10", f"data.path={out}", "data.workers=1",
-                             "curvature.enabled=true", "curvature.probes=2",
-                             "curvature.batch_size=2", "curvature.every=6"]))
+    cfg = to_config(
+        compose(
+            [
+                *overrides,
+                "data=cifar10",
+                f"data.path={out}",
+                "data.workers=1",
+                "curvature.enabled=true",
+                "curvature.probes=2",
+                "curvature.batch_size=2",
+                "curvature.every=6",
+            ]
+        )
+    )
     assert isinstance(make_batches(cfg.data, 2, 0, 0, 1, "cpu"), StreamBatches)
     summary = training_loop(cfg)
     assert summary["step"] == 6 and summary["data/skipped"] == 0

@@ -20,8 +20,10 @@ def test_cosine_betas_follow_nichol_dhariwal():
     T, s = 50, 0.008
 
     def abar(t):
-        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(
-            s / (1 + s) * math.pi / 2) ** 2
+        return (
+            math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+            / math.cos(s / (1 + s) * math.pi / 2) ** 2
+        )
 
     expected = [min(1 - abar(t + 1) / abar(t), 0.999) for t in range(T)]
     np.testing.assert_allclose(make_betas("cosine", T).numpy(), expected, rtol=1e-12)
@@ -98,8 +100,9 @@ def test_q_sample_formula():
     out = q_sample(x0, t, noise, ac)
     # t=1: sqrt(.25)*2 + sqrt(.75)*(-1); t=0: sqrt(.9)*2 + sqrt(.1)*(-1)
     assert out[0].flatten().tolist() == pytest.approx([0.5 * 2 - math.sqrt(0.75)] * 4, rel=1e-6)
-    assert out[1].flatten().tolist() == pytest.approx([math.sqrt(0.9) * 2 - math.sqrt(0.1)] * 4,
-                                                      rel=1e-6)
+    assert out[1].flatten().tolist() == pytest.approx(
+        [math.sqrt(0.9) * 2 - math.sqrt(0.1)] * 4, rel=1e-6
+    )
 
 
 def test_eps_loss_is_per_sample_weighted_mse():

@@ -17,8 +17,9 @@ GOLDEN = Path(__file__).parent / "assets" / "golden_losses_tiny.json"
 def run(tmp_path, *overrides):
     cfg = to_config(compose(tiny(tmp_path, *overrides)))
     summary = training_loop(cfg)
-    (run_dir,) = [p for p in (tmp_path / cfg.experiment).iterdir()
-                  if cfg.train.run_dir is None] or [Path(cfg.train.run_dir)]
+    (run_dir,) = [
+        p for p in (tmp_path / cfg.experiment).iterdir() if cfg.train.run_dir is None
+    ] or [Path(cfg.train.run_dir)]
     return summary, run_dir
 
 
@@ -27,20 +28,30 @@ def read_metrics(run_dir):
 
 
 def test_run_directory_contents(tmp_path):
-    summary, run_dir = run(tmp_path, "experiment=e9b", "curvature.probes=2",
-                           "curvature.batch_size=2", "curvature.every=3",
-                           "sampling.grid_every=3")
+    summary, run_dir = run(
+        tmp_path,
+        "experiment=e9b",
+        "curvature.probes=2",
+        "curvature.batch_size=2",
+        "curvature.every=3",
+        "sampling.grid_every=3",
+    )
     assert run_dir.parent.name == "e9b"
     assert "beta_schedule: cosine" in (run_dir / "config.yaml").read_text()
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
     curv = [r for r in rows if "curvature/hutch_trace_mean" in r]
-    assert [r["step"] for r in curv] == [3, 6] and all("curvature/hutch_trace_std" in r
-                                                       for r in curv)
+    assert [r["step"] for r in curv] == [3, 6] and all(
+        "curvature/hutch_trace_std" in r for r in curv
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "step_0000003.pt", "step_0000006.pt"]
+        "step_0000003.pt",
+        "step_0000006.pt",
+    ]
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "grid_0000003.png", "grid_0000006.png"]
+        "grid_0000003.png",
+        "grid_0000006.png",
+    ]
     assert list(run_dir.glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["step"] == 6 and saved["images_per_sec"] > 0 and saved == summary
@@ -76,6 +87,7 @@ def test_resume_continues_exactly(tmp_path):
     for part in ("model", "ema"):
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-6, atol=1e-7)
+
     def loss_at(run_dir):  # steps 2 and 6 average the same steps in both runs
         return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
@@ -95,8 +107,14 @@ def test_golden_loss_curve(tmp_path):
     assert losses == pytest.approx(golden["losses"], rel=1e-3)
 
 
-GOLDEN_OVERRIDES = ["experiment=e9b", "curvature.enabled=false", "train.total_steps=30",
-                    "train.log_every=1", "train.ckpt_every=1000", "optim.lr=1e-3"]
+GOLDEN_OVERRIDES = [
+    "experiment=e9b",
+    "curvature.enabled=false",
+    "train.total_steps=30",
+    "train.log_every=1",
+    "train.ckpt_every=1000",
+    "optim.lr=1e-3",
+]
 
 if __name__ == "__main__":
     import tempfile

@@ -42,8 +42,9 @@ def test_timestep_embedding_values():
     # freqs = [1, 1e-2] for dim 4 -> [sin(t), sin(t/100), cos(t), cos(t/100)]
     import math
 
-    expected = torch.tensor([[0, 0, 1, 1],
-                             [math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]])
+    expected = torch.tensor(
+        [[0, 0, 1, 1], [math.sin(3), math.sin(0.03), math.cos(3), math.cos(0.03)]]
+    )
     torch.testing.assert_close(emb, expected, rtol=1e-5, atol=1e-6)
 
 

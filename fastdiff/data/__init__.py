@@ -15,9 +15,19 @@ from fastdiff.data.batches import DeviceBatches, to_model_range
 from fastdiff.data.shards import MANIFEST, ShardImages, ShardStream, StreamBatches, read_shard
 from fastdiff.data.sources import load_cifar10, load_digits, load_images
 
-__all__ = ["DeviceBatches", "ShardImages", "ShardStream", "StreamBatches", "is_sharded",
-           "load_cifar10", "load_digits", "load_images", "make_batches", "probe_pool",
-           "to_model_range"]
+__all__ = [
+    "DeviceBatches",
+    "ShardImages",
+    "ShardStream",
+    "StreamBatches",
+    "is_sharded",
+    "load_cifar10",
+    "load_digits",
+    "load_images",
+    "make_batches",
+    "probe_pool",
+    "to_model_range",
+]
 
 
 def is_sharded(path: str | None) -> bool:
@@ -27,12 +37,27 @@ def is_sharded(path: str | None) -> bool:
 def make_batches(data_cfg, batch_size: int, seed: int, rank: int, world_size: int, device):
     """The run's batch source: ``batch(step)`` gives float [-1, 1] images on the device."""
     if is_sharded(data_cfg.path):
-        return StreamBatches(data_cfg.path, batch_size, seed, rank=rank, world_size=world_size,
-                             hflip=data_cfg.hflip, device=device, workers=data_cfg.workers,
-                             shuffle_buffer=data_cfg.shuffle_buffer)
+        return StreamBatches(
+            data_cfg.path,
+            batch_size,
+            seed,
+            rank=rank,
+            world_size=world_size,
+            hflip=data_cfg.hflip,
+            device=device,
+            workers=data_cfg.workers,
+            shuffle_buffer=data_cfg.shuffle_buffer,
+        )
     images = load_images(data_cfg.name, data_cfg.path, data_cfg.image_size)
-    return DeviceBatches(images, batch_size, seed, rank=rank, world_size=world_size,
-                         hflip=data_cfg.hflip, device=device)
+    return DeviceBatches(
+        images,
+        batch_size,
+        seed,
+        rank=rank,
+        world_size=world_size,
+        hflip=data_cfg.hflip,
+        device=device,
+    )
 
 
 def probe_pool(data_cfg, batches) -> torch.Tensor:

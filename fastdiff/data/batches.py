@@ -18,13 +18,24 @@ from fastdiff.seeding import stream_generator
 class DeviceBatches:
     skipped = 0  # in-memory data has nothing to skip
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1, hflip: bool = False, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        hflip: bool = False,
+        device: str | torch.device = "cpu",
+    ):
         global_batch = batch_size * world_size
         if images.shape[0] < global_batch:
-            raise ValueError(f"the data set has {images.shape[0]} images, fewer than one global "
-                             f"batch ({batch_size} x {world_size} processes): lower "
-                             "train.batch_size")
+            raise ValueError(
+                f"the data set has {images.shape[0]} images, fewer than one global "
+                f"batch ({batch_size} x {world_size} processes): lower "
+                "train.batch_size"
+            )
         self.images = images.to(device)  # uint8 (N, 3, H, W)
         self.batch_size, self.seed, self.rank, self.hflip = batch_size, seed, rank, hflip
         self.world_size = world_size
@@ -44,19 +55,21 @@ class DeviceBatches:
     def indices(self, step: int) -> torch.Tensor:
         epoch, pos = divmod(step, self.steps_per_epoch)
         start = (pos * self.world_size + self.rank) * self.batch_size
-        return self._permutation(epoch)[start:start + self.batch_size]
+        return self._permutation(epoch)[start : start + self.batch_size]
 
     def seek(self, step: int) -> None:
         """Nothing to do: every batch is a pure function of the step."""
 
     def batch(self, step: int) -> torch.Tensor:
         """Images of this rank at ``step``, float in [-1, 1], scaled on the device."""
-        return to_model_range(self.images[self.indices(step)], self.seed, step, self.rank,
-                              self.hflip)
+        return to_model_range(
+            self.images[self.indices(step)], self.seed, step, self.rank, self.hflip
+        )
 
 
-def to_model_range(images: torch.Tensor, seed: int, step: int, rank: int,
-                   hflip: bool) -> torch.Tensor:
+def to_model_range(
+    images: torch.Tensor, seed: int, step: int, rank: int, hflip: bool
+) -> torch.Tensor:
     """uint8 (B, C, H, W) on the device -> float [-1, 1], with the step's random flips."""
     x = images.float().div_(127.5).sub_(1)
     if hflip:

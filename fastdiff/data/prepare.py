@@ -42,8 +42,11 @@ def cifar10_samples(src: Path, split: str):
     names = CIFAR_TRAIN_BATCHES if split == "train" else ["test_batch"]
     images, labels = load_cifar10(src, names)
     classes = _cifar_classes(src)
-    return len(images), classes, ((img.permute(1, 2, 0).numpy(), int(y))
-                                  for img, y in zip(images, labels))
+    return (
+        len(images),
+        classes,
+        ((img.permute(1, 2, 0).numpy(), int(y)) for img, y in zip(images, labels)),
+    )
 
 
 def _cifar_classes(src: Path) -> list[str]:
@@ -61,8 +64,12 @@ def folder_samples(src: Path):
         raise FileNotFoundError(f"--src {src} is not a folder of images")
     subdirs = sorted(p for p in src.iterdir() if p.is_dir())
     groups = [(d.name, d) for d in subdirs] or [("0", src)]
-    files = [(f, label) for label, (_, d) in enumerate(groups)
-             for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, label)
+        for label, (_, d) in enumerate(groups)
+        for f in sorted(d.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise FileNotFoundError(f"--src {src} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
@@ -73,15 +80,25 @@ def folder_samples(src: Path):
             if size is None:
                 size = img.shape
             elif img.shape != size:
-                raise ValueError(f"{f} is {img.shape[1]}x{img.shape[0]}, the others "
-                                 f"{size[1]}x{size[0]}: resize the images to one size first")
+                raise ValueError(
+                    f"{f} is {img.shape[1]}x{img.shape[0]}, the others "
+                    f"{size[1]}x{size[0]}: resize the images to one size first"
+                )
             yield img, label
 
     return len(files), [name for name, _ in groups], load()
 
 
-def write_shards(samples, count: int, out: Path, shard_size: int, classes: list[str],
-                 source: str, force: bool = False, progress: bool = True) -> dict:
+def write_shards(
+    samples,
+    count: int,
+    out: Path,
+    shard_size: int,
+    classes: list[str],
+    source: str,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +106,9 @@ def write_shards(samples, count: int, out: Path, shard_size: int, classes: list[
     try:
         digest, shards, size, n = hashlib.sha256(), [], None, 0
         writer = None
-        for img, label in tqdm(samples, total=count, desc=f"shards -> {out}", unit="img",
-                               disable=not progress):
+        for img, label in tqdm(
+            samples, total=count, desc=f"shards -> {out}", unit="img", disable=not progress
+        ):
             if n % shard_size == 0:
                 if writer is not None:
                     writer.close()
@@ -106,9 +124,16 @@ def write_shards(samples, count: int, out: Path, shard_size: int, classes: list[
             writer.close()
         if n == 0:
             raise ValueError("no images to write")
-        manifest = {"count": n, "shards": shards, "shard_size": shard_size,
-                    "image_size": size, "channels": 3, "classes": classes,
-                    "source": source, "sha256": digest.hexdigest()}
+        manifest = {
+            "count": n,
+            "shards": shards,
+            "shard_size": shard_size,
+            "image_size": size,
+            "channels": 3,
+            "classes": classes,
+            "source": source,
+            "sha256": digest.hexdigest(),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -120,14 +145,23 @@ def write_shards(samples, count: int, out: Path, shard_size: int, classes: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastdiff.data.prepare",
-                                     description="Write WebDataset shards (PNG + class label).")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.data.prepare",
+        description="Write WebDataset shards (PNG + class label).",
+    )
     parser.add_argument("name", help="data set name: cifar10, or any name with --format folder")
-    parser.add_argument("--src", type=Path, required=True,
-                        help="cifar-10-python.tar.gz or its folder; or a folder of images")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        required=True,
+        help="cifar-10-python.tar.gz or its folder; or a folder of images",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder for the shards")
-    parser.add_argument("--format", choices=["cifar10", "folder"],
-                        help="default: cifar10 for the name cifar10, folder otherwise")
+    parser.add_argument(
+        "--format",
+        choices=["cifar10", "folder"],
+        help="default: cifar10 for the name cifar10, folder otherwise",
+    )
     parser.add_argument("--split", choices=["train", "test"], default="train")
     parser.add_argument("--shard-size", type=int, default=5000, help="images per shard")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
@@ -140,14 +174,23 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(f"{args.out} exists: pass --force to overwrite it")
         if fmt == "cifar10":
             if not args.src.exists():
-                raise FileNotFoundError(f"{args.src} not found: {CIFAR_HELP}, then run "
-                                        f"python -m fastdiff.data.prepare cifar10 --src "
-                                        f"cifar-10-python.tar.gz --out {args.out}")
+                raise FileNotFoundError(
+                    f"{args.src} not found: {CIFAR_HELP}, then run "
+                    f"python -m fastdiff.data.prepare cifar10 --src "
+                    f"cifar-10-python.tar.gz --out {args.out}"
+                )
             count, classes, samples = cifar10_samples(args.src, args.split)
         else:
             count, classes, samples = folder_samples(args.src)
-        manifest = write_shards(samples, count, args.out, args.shard_size, classes,
-                                f"{fmt}:{args.src}:{args.split}", args.force)
+        manifest = write_shards(
+            samples,
+            count,
+            args.out,
+            args.shard_size,
+            classes,
+            f"{fmt}:{args.src}:{args.split}",
+            args.force,
+        )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"fastdiff.data.prepare: error: {err}", file=sys.stderr)
         return 2

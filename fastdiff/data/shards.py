@@ -34,14 +34,18 @@ def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
-        raise FileNotFoundError(f"{path} has no {MANIFEST}: prepare shards with "
-                                f"python -m fastdiff.data.prepare cifar10 --src "
-                                f"cifar-10-python.tar.gz --out {path}")
+        raise FileNotFoundError(
+            f"{path} has no {MANIFEST}: prepare shards with "
+            f"python -m fastdiff.data.prepare cifar10 --src "
+            f"cifar-10-python.tar.gz --out {path}"
+        )
     manifest = json.loads(file.read_text())
     missing = [s for s in manifest["shards"] if not (path / s).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path / missing[0]} is listed in {MANIFEST} but missing: "
-                                "re-run python -m fastdiff.data.prepare with --force")
+        raise FileNotFoundError(
+            f"{path / missing[0]} is listed in {MANIFEST} but missing: "
+            "re-run python -m fastdiff.data.prepare with --force"
+        )
     return manifest
 
 
@@ -54,8 +58,10 @@ def decode_png(data: bytes) -> torch.Tensor:
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of one shard, in order: uint8 (N, 3, H, W) and labels (N,)."""
     samples = list(wds.tarfile_to_samples()([{"url": str(path)}]))
-    return (torch.stack([decode_png(s["png"]) for s in samples]),
-            torch.tensor([int(s["cls"]) for s in samples]))
+    return (
+        torch.stack([decode_png(s["png"]) for s in samples]),
+        torch.tensor([int(s["cls"]) for s in samples]),
+    )
 
 
 class _Skips:
@@ -73,21 +79,32 @@ class _Skips:
 class ShardStream(IterableDataset):
     """Yields (images uint8 (B, 3, H, W), labels (B,), skipped since last batch)."""
 
-    def __init__(self, path: str | Path, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle_buffer: int = 2000):
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 2000,
+    ):
         self.path = Path(path)
         manifest = read_manifest(self.path)
         urls = [str(self.path / s) for s in manifest["shards"]]
         if len(urls) < world_size:
-            raise ValueError(f"{path} has {len(urls)} shards for {world_size} processes: "
-                             "re-run prepare with a smaller --shard-size")
+            raise ValueError(
+                f"{path} has {len(urls)} shards for {world_size} processes: "
+                "re-run prepare with a smaller --shard-size"
+            )
         self.urls = urls[rank::world_size]  # split by node
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.shuffle_buffer = shuffle_buffer
         self.batches_per_epoch = manifest["count"] // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{path} has {manifest['count']} images, fewer than one global "
-                             f"batch of {batch_size} x {world_size}: lower train.batch_size")
+            raise ValueError(
+                f"{path} has {manifest['count']} images, fewer than one global "
+                f"batch of {batch_size} x {world_size}: lower train.batch_size"
+            )
         self.epoch = 0
 
     def __iter__(self):
@@ -120,22 +137,37 @@ class ShardStream(IterableDataset):
                 reported = skips.count
 
         samples = wds.tarfile_to_samples(handler=skips)(shard_urls())
-        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 200),
-                              rng=rng)(samples)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 200), rng=rng)(
+            samples
+        )
         yield from islice(batches(decode(samples)), n)
 
 
 class StreamBatches:
     """Device batches from a :class:`ShardStream`, with the interface of DeviceBatches."""
 
-    def __init__(self, path: str | Path, batch_size: int, seed: int, *, rank: int = 0,
-                 world_size: int = 1, hflip: bool = True, device="cpu", workers: int = 2,
-                 shuffle_buffer: int = 2000):
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        hflip: bool = True,
+        device="cpu",
+        workers: int = 2,
+        shuffle_buffer: int = 2000,
+    ):
         self.stream = ShardStream(path, batch_size, seed, rank, world_size, shuffle_buffer)
         self.device = torch.device(device)
-        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
-                                 pin_memory=self.device.type == "cuda",
-                                 prefetch_factor=4 if workers else None)
+        self.loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
         self.seed, self.rank, self.hflip = seed, rank, hflip
         self.skipped = 0
         self._it = None
@@ -158,8 +190,9 @@ class StreamBatches:
             self._it = iter(self.loader)
             images, _, skipped = next(self._it)
         self.skipped += skipped
-        return to_model_range(images.to(self.device, non_blocking=True), self.seed, step,
-                              self.rank, self.hflip)
+        return to_model_range(
+            images.to(self.device, non_blocking=True), self.seed, step, self.rank, self.hflip
+        )
 
 
 class ShardImages(Dataset):

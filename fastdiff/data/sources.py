@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-CIFAR_HELP = ("download the python version of CIFAR-10 (cifar-10-python.tar.gz) from "
-              "https://www.cs.toronto.edu/~kriz/cifar.html and pass data.path=FILE_OR_FOLDER")
+CIFAR_HELP = (
+    "download the python version of CIFAR-10 (cifar-10-python.tar.gz) from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html and pass data.path=FILE_OR_FOLDER"
+)
 
 
 def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,15 +47,18 @@ def _read_cifar_batches(path: Path, names: list[str]) -> list[dict]:
             missing = [n for n in names if n not in members]
             if missing:
                 raise FileNotFoundError(f"{path} has no CIFAR-10 batch {missing[0]}: {CIFAR_HELP}")
-            return [pickle.loads(tar.extractfile(members[n]).read(), encoding="bytes")
-                    for n in names]
+            return [
+                pickle.loads(tar.extractfile(members[n]).read(), encoding="bytes") for n in names
+            ]
     except tarfile.TarError as err:
-        raise FileNotFoundError(f"{path} is not a readable CIFAR-10 archive ({err}): "
-                                f"{CIFAR_HELP}") from None
+        raise FileNotFoundError(
+            f"{path} is not a readable CIFAR-10 archive ({err}): {CIFAR_HELP}"
+        ) from None
 
 
-def load_cifar10(path: str | Path, names: list[str] = CIFAR_TRAIN_BATCHES
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def load_cifar10(
+    path: str | Path, names: list[str] = CIFAR_TRAIN_BATCHES
+) -> tuple[torch.Tensor, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CIFAR-10 not found at {path}: {CIFAR_HELP}")
@@ -70,8 +75,13 @@ def load_images(name: str, path: str | None, image_size: int) -> torch.Tensor:
     if name == "cifar10":
         images = load_cifar10(path)[0]
         if image_size != 32:
-            images = F.interpolate(images.float(), size=(image_size, image_size),
-                                   mode="bilinear", antialias=True).round().clamp(0, 255)
+            images = (
+                F.interpolate(
+                    images.float(), size=(image_size, image_size), mode="bilinear", antialias=True
+                )
+                .round()
+                .clamp(0, 255)
+            )
             images = images.to(torch.uint8)
         return images
     raise ValueError(f"unknown data set {name!r}: use digits or cifar10")

@@ -1,0 +1,67 @@
+"""Shared set-up for the benches.
+
+FASTDIFF_BENCH_SMOKE=1 (set by `make test`) shrinks every bench to tiny shapes so the
+suite runs once, untimed, in seconds and never rots; `make bench` runs the real shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+SMOKE = os.environ.get("FASTDIFF_BENCH_SMOKE") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The cards' model; the smoke run uses the tiny preset at 8x8.
+MODEL = ("unet_tiny", 16, 8) if SMOKE else ("unet_cifar32", 64, 32)
+BATCHES = [2] if SMOKE else [4, 128]
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainer_overrides(batch: int, *extra: str) -> list[str]:
+    name, ch, size = MODEL
+    return [
+        f"model={name}",
+        f"model.base_channels={ch}",
+        "data=digits",
+        f"data.image_size={size}",
+        f"train.batch_size={batch}",
+        "train.progress=false",
+        *extra,
+    ]
+
+
+def peer_unet(ch: int, size: int):
+    """diffusers' UNet2DModel laid out as the DDPM CIFAR UNet (same blocks, channels,
+    attention at 16x16, dropout, GroupNorm 32): the parameter count matches ours."""
+    diffusers = pytest.importorskip("diffusers")
+    if SMOKE:
+        return diffusers.UNet2DModel(
+            sample_size=size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(ch, 2 * ch, 2 * ch),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            dropout=0.1,
+            attention_head_dim=None,
+            norm_num_groups=8,
+        )
+    return diffusers.UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(ch, 2 * ch, 2 * ch, 2 * ch),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1,
+        attention_head_dim=None,
+        norm_num_groups=32,
+    )

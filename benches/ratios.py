@@ -1,0 +1,123 @@
+"""Turn one pytest-benchmark JSON into ratios against peers measured in the same run.
+
+python -m benches.ratios .benchmarks/latest.json [--out benches/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+
+def load(path: Path) -> tuple[dict[str, dict], dict]:
+    data = json.loads(path.read_text())
+    return {b["name"]: b for b in data["benchmarks"]}, data.get("machine_info", {})
+
+
+def median(b: dict) -> float:
+    return b["stats"]["median"]
+
+
+def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
+    rows = []
+
+    def get(name):
+        return benches.get(name)
+
+    for batch in (4, 128, 2):
+        ours = get(f"test_fastdiff_train_step[eager-{batch}]")
+        peer = get(f"test_diffusers_train_step[{batch}]")
+        comp = get(f"test_fastdiff_train_step[compiled-{batch}]")
+        if ours and peer:
+            rows.append(
+                (
+                    f"train step, batch {batch}: diffusers / fastdiff eager",
+                    f"{median(peer) / median(ours):.2f}×",
+                    f"{median(ours) * 1e3:.0f} ms vs {median(peer) * 1e3:.0f} ms",
+                )
+            )
+        if ours and comp:
+            rows.append(
+                (
+                    f"train step, batch {batch}: eager / compiled",
+                    f"{median(ours) / median(comp):.2f}×",
+                    f"{median(comp) * 1e3:.0f} ms compiled",
+                )
+            )
+    for sampler, nfe in (("ddpm", 50), ("ddim", 20), ("ddpm", 3), ("ddim", 3)):
+        s = get(f"test_sampler[{sampler}-{nfe}]")
+        f = get(f"test_bare_forward[{nfe}]")
+        if s and f:
+            per_image = median(s) / s["extra_info"]["images"]
+            rows.append(
+                (
+                    f"{sampler} NFE {s['extra_info']['nfe']}: sampler / bare forward",
+                    f"{median(s) / median(f):.3f}× (overhead {(median(s) / median(f) - 1):+.1%})",
+                    f"{per_image * 1e3:.1f} ms per image",
+                )
+            )
+    vm, lp = get("test_hutchinson_vmap"), get("test_hutchinson_loop")
+    if vm and lp:
+        rows.append(
+            (
+                f"Hutchinson, K={vm['extra_info']['probes']}: loop / vmap",
+                f"{median(lp) / median(vm):.2f}×",
+                f"vmap {median(vm):.1f} s, loop {median(lp):.1f} s",
+            )
+        )
+    step = get("test_fastdiff_train_step[eager-4]")
+    if vm and step:
+        rows.append(
+            (
+                "Hutchinson probe cost in training steps (batch 4)",
+                f"{median(vm) / median(step):.0f} steps",
+                "",
+            )
+        )
+    for w in (0, 1, 2):
+        b = get(f"test_loader_throughput[{w}]")
+        if b:
+            rows.append(
+                (
+                    f"shard loader, {w} workers",
+                    f"{b['extra_info']['images'] / median(b):,.0f} images/s",
+                    "",
+                )
+            )
+    ema = get("test_ema_update")
+    if ema:
+        rows.append(("EMA update (foreach lerp)", f"{median(ema) * 1e3:.2f} ms", ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    benches, machine = load(args.json)
+    rows = ratio_rows(benches)
+    cpu = machine.get("cpu", {}).get("brand_raw", platform.processor() or "unknown CPU")
+    lines = [
+        "# Benchmark ratios",
+        "",
+        f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, "
+        f"{machine.get('system', platform.system())}, Python "
+        f"{machine.get('python_version', platform.python_version())}. "
+        f"Source: `{args.json}` (one pytest-benchmark run; medians).",
+        "",
+        "| what | ratio | absolute |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

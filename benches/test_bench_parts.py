@@ -1,0 +1,151 @@
+"""Sampler vs bare forward passes, EMA update, Hutchinson vmap vs loop, shard loader."""
+
+import pytest
+import torch
+
+from benches._setup import DEVICE, MODEL, SMOKE, sync
+from fastdiff.curvature import hutchinson_trace
+from fastdiff.diffusion import Schedule, eps_mse, q_sample
+from fastdiff.ema import EMA
+from fastdiff.sampling import ddim_sample, ddpm_sample
+from fastdiff.unet import build_model
+
+SAMPLE_BATCH = 2 if SMOKE else 64
+ROUNDS = 1 if SMOKE else 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    name, ch, size = MODEL
+    return build_model(name, ch, 0.1, size).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize("sampler, nfe", [("ddpm", 50), ("ddim", 20)])
+def test_sampler(benchmark, model, sampler, nfe):
+    nfe = 3 if SMOKE else nfe
+    fn = {"ddpm": ddpm_sample, "ddim": ddim_sample}[sampler]
+    sched = Schedule.make("linear", 1000)
+    shape = (SAMPLE_BATCH, 3, MODEL[2], MODEL[2])
+
+    def run():
+        fn(model, shape, sched, nfe, torch.Generator().manual_seed(0))
+        sync()
+
+    benchmark.extra_info.update(images=SAMPLE_BATCH, nfe=nfe)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+
+
+@pytest.mark.parametrize("nfe", [50, 20])
+def test_bare_forward(benchmark, model, nfe):
+    """The model's own time for the sampler benches above: nfe forward passes, no_grad."""
+    nfe = 3 if SMOKE else nfe
+    x = torch.randn(SAMPLE_BATCH, 3, MODEL[2], MODEL[2], device=DEVICE)
+    t = torch.full((SAMPLE_BATCH,), 10, device=DEVICE)
+
+    @torch.no_grad()
+    def run():
+        for _ in range(nfe):
+            model(x, t)
+        sync()
+
+    benchmark.extra_info.update(images=SAMPLE_BATCH, nfe=nfe)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+
+
+def test_ema_update(benchmark, model):
+    ema = EMA(model, 0.999)
+    benchmark(lambda: (ema.update(model), sync()))
+
+
+def _probe_setup(model):
+    size = MODEL[2]
+    sched = Schedule.make("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, size, size, generator=g).to(DEVICE) * 2 - 1
+    t = torch.randint(0, 1000, (4,), generator=g).to(DEVICE)
+    noise = torch.randn(x0.shape, generator=g).to(DEVICE)
+    x_t = q_sample(x0, t, noise, sched.alphas_cumprod.float())
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss_fn(p):
+        return eps_mse(
+            torch.func.functional_call(model, p, (x_t, t)), noise, torch.ones(4, device=DEVICE)
+        ).mean()
+
+    return loss_fn, params
+
+
+K = 2 if SMOKE else 16
+
+
+def test_hutchinson_vmap(benchmark, model):
+    loss_fn, params = _probe_setup(model)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.MATH):
+            hutchinson_trace(loss_fn, params, K, torch.Generator(DEVICE).manual_seed(0))
+        sync()
+
+    benchmark.extra_info.update(probes=K)
+    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1)
+
+
+def test_hutchinson_loop(benchmark, model):
+    """PyHessian-style peer: K separate double-backward passes through autograd."""
+    loss_fn, params = _probe_setup(model)
+    leaves = {k: p.clone().requires_grad_(True) for k, p in params.items()}
+
+    def run():
+        g = torch.Generator(DEVICE).manual_seed(0)
+        loss = loss_fn(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        values = []
+        for _ in range(K):
+            vs = [
+                torch.randint(0, 2, p.shape, generator=g, device=DEVICE).float() * 2 - 1
+                for p in leaves.values()
+            ]
+            hv = torch.autograd.grad(grads, list(leaves.values()), vs, retain_graph=True)
+            values.append(sum((h * v).sum() for h, v in zip(hv, vs)))
+        torch.stack(values).mean().item()
+
+    benchmark.extra_info.update(probes=K)
+    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from fastdiff.data.prepare import main as prepare
+    from tests.cifar_fixture import write_cifar_archive
+
+    root = tmp_path_factory.mktemp("bench-cifar")
+    write_cifar_archive(root / "c.tar.gz", per_batch=40 if SMOKE else 1000)
+    prepare(
+        [
+            "cifar10",
+            "--src",
+            str(root / "c.tar.gz"),
+            "--out",
+            str(root / "s"),
+            "--shard-size",
+            "50" if SMOKE else "1000",
+        ]
+    )
+    return root / "s"
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_loader_throughput(benchmark, shards, workers):
+    from fastdiff.data import StreamBatches
+
+    n_batches = 4 if SMOKE else 40
+    batch = 8 if SMOKE else 128
+
+    def run():
+        b = StreamBatches(shards, batch, 0, workers=workers, shuffle_buffer=500)
+        for step in range(n_batches):
+            b.batch(step)
+
+    benchmark.extra_info.update(images=n_batches * batch, workers=workers)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
