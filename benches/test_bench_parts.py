@@ -10,8 +10,8 @@ from fastdiff.ema import EMA
 from fastdiff.sampling import ddim_sample, ddpm_sample
 from fastdiff.unet import build_model
 
-SAMPLE_BATCH = 2 if SMOKE else 64
-ROUNDS = 1 if SMOKE else 3
+SAMPLE_BATCH = 2 if SMOKE else 16
+ROUNDS = 1 if SMOKE else 2
 
 
 @pytest.fixture(scope="module")

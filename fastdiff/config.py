@@ -100,13 +100,26 @@ class SamplingConfig:
 
 
 @dataclass
+class FIDConfig:
+    # None = auto: on when the Inception weights are at hand (weights_path or the torch hub
+    # cache), else off with one warning. true = required: fail at start-up without them.
+    enabled: bool | None = None
+    weights_path: str | None = None
+    stats_path: str | None = None  # precomputed reference statistics (.npz with mu, sigma)
+    cache_dir: str | None = None  # reference statistics cache (default ~/.cache/fastdiff/fid)
+    reference_limit: int | None = None  # use only the first N reference images (tests)
+
+
+@dataclass
 class EvalConfig:
-    fid: bool = False  # FID arrives with the torch-fidelity evaluation; off until then
+    fid: FIDConfig = field(default_factory=FIDConfig)
     sampler: str = "ddpm"
     nfe: int = 50
     milestone_every: int = 2000
     milestone_samples: int = 5000
     final_samples: int = 10_000
+    batch_size: int = 256  # samples per generation batch (per process)
+    seed: int = 0  # sample i starts from the noise of generator (seed, i) in every run
 
 
 @dataclass
@@ -198,6 +211,7 @@ EXPERIMENTS: dict[str, tuple[str, dict]] = {
                 "report": True,
             },
             "sampling": {"grid_every": 1000},
+            "eval": {"fid": {"enabled": False}},
         },
     ),
     "e1": (
@@ -412,11 +426,19 @@ def validate(cfg: Config) -> None:
         "curvature.probes and curvature.batch_size must be > 0",
     )
     need(cfg.curvature.t_bins >= 0, "curvature.t_bins must be >= 0")
+    for key in ("milestone_every", "milestone_samples", "final_samples", "batch_size"):
+        value = getattr(cfg.eval, key)
+        need(value > 0, f"eval.{key} must be a positive integer, got {value}")
     need(
-        not cfg.eval.fid,
-        "eval.fid=true needs the FID evaluation, which this build does "
-        "not have yet: set eval.fid=false",
+        cfg.eval.milestone_samples >= 2 and cfg.eval.final_samples >= 2,
+        "eval.milestone_samples and eval.final_samples must be >= 2 (FID needs a covariance)",
     )
+    if cfg.eval.fid.stats_path is not None:
+        need(
+            Path(cfg.eval.fid.stats_path).is_file(),
+            f"eval.fid.stats_path={cfg.eval.fid.stats_path} does not exist: pass an .npz "
+            "with mu and sigma, or leave it unset to use the training set",
+        )
     if cfg.train.resume is not None:
         need(
             Path(cfg.train.resume).exists(),

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdiff.config import ConfigError, load_run_config
     from fastdiff.data import load_images
     from fastdiff.diffusion import Schedule
-    from fastdiff.rundir import checkpoints
+    from fastdiff.rundir import find_checkpoint
     from fastdiff.unet import build_model
 
     parser = argparse.ArgumentParser(
@@ -199,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_run_config(args.run_dir)
-        found = {int(p.stem.split("_")[1]): p for p in checkpoints(args.run_dir)}
-        step = args.step if args.step is not None else max(found, default=None)
-        if step not in found:
-            raise ConfigError(
-                f"{args.run_dir} has no checkpoint for step {step}: it has "
-                f"{sorted(found) or 'none'}"
-            )
+        step, ckpt = find_checkpoint(args.run_dir, args.step)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastdiff.curvature: error: {err}")
         return 2
@@ -215,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(
         cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
     )
-    model.load_state_dict(torch.load(found[step], map_location="cpu")["model"])
+    model.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
     schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
     probes = RunProbes(
         images,

@@ -69,6 +69,19 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*.pt"))
 
 
+def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
+    """(step, path) of a run's checkpoint at ``step``, or its latest."""
+    from fastdiff.config import ConfigError
+
+    found = {int(p.stem.split("_")[1]): p for p in checkpoints(Path(run_dir))}
+    step = step if step is not None else max(found, default=None)
+    if step not in found:
+        raise ConfigError(
+            f"{run_dir} has no checkpoint for step {step}: it has {sorted(found) or 'none'}"
+        )
+    return step, found[step]
+
+
 def resolve_checkpoint(resume: str) -> Path:
     """A checkpoint file, or a run directory's latest checkpoint."""
     path = Path(resume)

@@ -44,9 +44,16 @@ def _predict_x0(x: torch.Tensor, eps: torch.Tensor, a: float) -> torch.Tensor:
     return ((x - (1 - a) ** 0.5 * eps) / a**0.5).clamp(-1, 1)
 
 
-def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    # Drawn on the generator's device so a given seed gives the same noise
-    # whatever device the model is on.
+def _noise(shape, generator: torch.Generator | list[torch.Generator], device) -> torch.Tensor:
+    """Drawn on the generator's device, so a seed gives the same noise whatever device the
+    model is on. A list holds one generator per sample: sample i's noise then does not
+    depend on the batch it is generated in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=g.device) for g in generator]
+        ).to(device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from fastdiff.config import EXPERIMENTS, ConfigError, compose, overrides_from_yaml, to_config
+from fastdiff.fid import FIDUnavailable
 
 USAGE = """\
 usage: python -m fastdiff.train [EXPERIMENT | --config FILE.yaml] [KEY=VALUE ...] [--cfg job]
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastdiff.trainer import training_loop
 
         summary = training_loop(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
         print(f"fastdiff: error: {err}", file=sys.stderr)
         return 2
     logging.getLogger("fastdiff").info(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from fastdiff.config import Config, flat
@@ -24,6 +24,7 @@ from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
 from fastdiff.diffusion import Schedule, eps_loss
 from fastdiff.ema import EMA
+from fastdiff.fid import FIDEvaluator, build_evaluator, generate, shard_of
 from fastdiff.rundir import (
     MetricsLog,
     checkpoints,
@@ -91,6 +92,7 @@ class Trainer:
             self.device,
         )
         self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
+        self.fid = self._make_fid()
 
         self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float().to(self.device)
@@ -154,6 +156,13 @@ class Trainer:
         )
         return RunProbes(images, self.cfg, self.alphas_cumprod, self.weights, self.device)
 
+    def _make_fid(self) -> FIDEvaluator | None:
+        enabled = self.cfg.eval.fid.enabled
+        if enabled is False:
+            log.info("FID off (eval.fid.enabled=false)")
+            return None
+        return build_evaluator(self.cfg, self.batches, self.device, explicit=enabled is True)
+
     @property
     def _probe_every(self) -> int:
         return self.cfg.curvature.every or self.cfg.train.log_every
@@ -206,6 +215,7 @@ class Trainer:
         last: dict[str, float] = {}
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.weights.mean().item()})
+        periodic = self._periodic()
         for step in range(self.start_step, total):
             loss, mse, grad_norm = self.train_step(step)
             window.loss += loss
@@ -231,8 +241,8 @@ class Trainer:
                         last["perf/images_per_sec"],
                     )
                 window = Window.new(self.device)
-            for every, job in self._periodic():
-                if done % every == 0 or done == total:
+            for due, job in periodic:
+                if due(done):
                     t0 = time.perf_counter()
                     job(done)
                     window.excluded += time.perf_counter() - t0
@@ -261,13 +271,23 @@ class Trainer:
         return summary
 
     def _periodic(self):
+        """(is it due at this step?, job) pairs, run after the step in this order."""
+        cfg, total = self.cfg, self.cfg.train.total_steps
+
+        def every(n: int):
+            return lambda done: done % n == 0 or done == total
+
         jobs = []
         if self.probe is not None:
-            jobs.append((self._probe_every, self._probe_curvature))
-        jobs += [
-            (self.cfg.sampling.grid_every, self._save_grid),
-            (self.cfg.train.ckpt_every, self._save_checkpoint),
-        ]
+            jobs.append((every(self._probe_every), self._probe_curvature))
+        grid_due = every(cfg.sampling.grid_every)
+        if self.fid is not None:
+            milestone = every(cfg.eval.milestone_every)
+            jobs.append((milestone, self._milestone_fid))
+            jobs.append((lambda done: done == total, self._final_fid))
+            grid_due = lambda done, g=grid_due: g(done) or milestone(done)  # noqa: E731
+        jobs.append((grid_due, self._save_grid))
+        jobs.append((every(cfg.train.ckpt_every), self._save_checkpoint))
         return jobs
 
     # -------------------------------------------------------- periodic work
@@ -293,6 +313,51 @@ class Trainer:
                 f"(last checkpoint in {self.run_dir / 'checkpoints'})"
             )
         return metrics, seconds
+
+    def _fid(self, step: int, n: int, prefix: str) -> None:
+        """FID/KID of n EMA samples; every rank samples its share, the main process scores."""
+        e = self.cfg.eval
+        start = time.perf_counter()
+        mine = shard_of(n, self.acc.process_index, self.acc.num_processes)
+        samples = generate(
+            self.ema.model,
+            self.schedule,
+            mine,
+            self.image_shape,
+            e.sampler,
+            e.nfe,
+            e.seed,
+            e.batch_size,
+        )
+        if self.acc.num_processes > 1:
+            samples = torch.cat(gather_object([samples]))
+        if self.acc.is_main_process:
+            scores = self.fid(samples)
+            self.metrics.log(
+                step,
+                {
+                    **{f"{prefix}/{k}": v for k, v in scores.items()},
+                    f"{prefix}/samples": n,
+                    f"{prefix}/seconds": time.perf_counter() - start,
+                },
+            )
+            log.info(
+                "%s/fid %.3f at step %d (%d samples, %s NFE %d, %.0f s)",
+                prefix,
+                scores["fid"],
+                step,
+                n,
+                e.sampler,
+                e.nfe,
+                time.perf_counter() - start,
+            )
+        self.acc.wait_for_everyone()
+
+    def _milestone_fid(self, step: int) -> None:
+        self._fid(step, self.cfg.eval.milestone_samples, "val/fid_milestone")
+
+    def _final_fid(self, step: int) -> None:
+        self._fid(step, self.cfg.eval.final_samples, "eval/final")
 
     def _total_skipped(self) -> int:
         """Unreadable samples skipped so far, over all ranks."""

@@ -1,0 +1,316 @@
+"""FID (and KID) of EMA samples against the training set, through torch-fidelity.
+
+- Samples come from :func:`generate`: large batches, converted to uint8 on the device
+  and copied asynchronously into one preallocated pinned host buffer while the next
+  batch is generated. Sample i always starts from the noise of its own generator,
+  seeded by (seed, i): the set of samples depends on the seed and N only, never on the
+  batch size, the number of processes or the training step, so milestone FIDs of two
+  runs are measured on the same noise.
+- The reference side is the run's training images (uint8, no flips). Its Inception
+  statistics are cached by torch-fidelity under a name holding a hash of the data
+  and the extractor, so they are computed once per data set and never go stale. A
+  precomputed statistics file (``.npz`` with ``mu`` and ``sigma``) can be used instead.
+- The Inception weights are resolved from ``eval.fid.weights_path``, then the torch hub
+  cache, then a download; a run that needs them and cannot have them fails at
+  start-up with one line saying where to put the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fastdiff.diffusion import Schedule
+from fastdiff.sampling import SAMPLERS, to_uint8
+from fastdiff.seeding import stream_generator
+
+log = logging.getLogger("fastdiff")
+
+WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
+EXTRACTOR = "inception-v3-compat"
+
+
+class FIDUnavailable(RuntimeError):
+    """FID was asked for but cannot be computed here (no Inception weights)."""
+
+
+def hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
+
+
+def resolve_weights(weights_path: str | None, download: bool = True) -> Path:
+    """eval.fid.weights_path, else the torch hub cache, else a download into that cache."""
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FIDUnavailable(
+                f"eval.fid.weights_path={weights_path} does not exist: point it "
+                f"at {WEIGHTS_NAME} (from {WEIGHTS_URL})"
+            )
+        return path
+    hub = hub_weights_path()
+    if hub.is_file():
+        return hub
+    if download:
+        try:
+            hub.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(hub), progress=False)
+            return hub
+        except Exception:  # no network: say where the file goes
+            if hub.exists():
+                hub.unlink()
+    raise FIDUnavailable(
+        f"FID needs the Inception weights {WEIGHTS_NAME}, which could not be "
+        f"downloaded: put the file at {hub} or pass eval.fid.weights_path=FILE "
+        "(or turn FID off with eval.fid.enabled=false)"
+    )
+
+
+class UInt8Images(Dataset):
+    """Map-style view of a uint8 (N, 3, H, W) tensor, as torch-fidelity wants it."""
+
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"expected uint8 (N, 3, H, W) images, got {images.dtype} {tuple(images.shape)}"
+            )
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def sample_generators(seed: int, indices: range, device) -> list[torch.Generator]:
+    """One generator per sample, seeded by (seed, sample index) only."""
+    gen_device = device if torch.device(device).type == "cuda" else "cpu"
+    return [stream_generator(seed, "fid-sample", i, device=gen_device) for i in indices]
+
+
+def shard_of(n: int, rank: int, world_size: int) -> range:
+    """Contiguous share of sample indices [0, n) for one rank."""
+    per = -(-n // world_size)
+    return range(min(rank * per, n), min((rank + 1) * per, n))
+
+
+@torch.no_grad()
+def generate(
+    model,
+    schedule: Schedule,
+    indices: range,
+    image_shape,
+    sampler: str,
+    nfe: int,
+    seed: int,
+    batch_size: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Samples ``indices`` as uint8 (len(indices), C, H, W) in a (pinned) host buffer."""
+    device = next(model.parameters()).device
+    pinned = device.type == "cuda"
+    out = torch.empty((len(indices), *image_shape), dtype=torch.uint8, pin_memory=pinned)
+    fn = SAMPLERS[sampler]
+    from tqdm.auto import tqdm
+
+    for start in tqdm(
+        range(0, len(indices), batch_size),
+        desc=f"{sampler} samples",
+        disable=not progress,
+        leave=False,
+    ):
+        idx = indices[start : start + batch_size]
+        gens = sample_generators(seed, idx, device)
+        x = fn(model, (len(idx), *image_shape), schedule, nfe, gens)
+        # Device-side uint8, then an async copy: the next batch starts while this one lands.
+        out[start : start + len(idx)].copy_(to_uint8(x), non_blocking=pinned)
+    if pinned:
+        torch.cuda.synchronize(device)
+    return out
+
+
+def data_hash(images: torch.Tensor | None = None, manifest: dict | None = None) -> str:
+    if manifest is not None:
+        return manifest["sha256"][:16]
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class FIDEvaluator:
+    """FID + KID of uint8 samples against a fixed reference set (or statistics file)."""
+
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        ref_name: str,
+        weights: Path,
+        stats_path: str | None = None,
+        cache_dir: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+    ):
+        self.reference = UInt8Images(reference)
+        self.cache_name = f"fastdiff-{ref_name}-{EXTRACTOR}-n{len(reference)}"
+        self.weights, self.stats_path = weights, stats_path
+        self.cache_dir = cache_dir or os.path.join(Path.home(), ".cache", "fastdiff", "fid")
+        self.cuda = torch.device(device).type == "cuda"
+        self.batch_size = batch_size
+
+    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
+        import torch_fidelity
+
+        kwargs = dict(
+            cuda=self.cuda,
+            batch_size=self.batch_size,
+            verbose=False,
+            feature_extractor=EXTRACTOR,
+            feature_extractor_weights_path=str(self.weights),
+            cache_root=self.cache_dir,
+            save_cpu_ram=True,
+        )
+        if self.stats_path is not None:
+            return self._against_stats(samples, kwargs)
+        n = min(len(samples), len(self.reference))
+        metrics = torch_fidelity.calculate_metrics(
+            input1=UInt8Images(samples),
+            input2=self.reference,
+            input2_cache_name=self.cache_name,
+            fid=True,
+            kid=True,
+            kid_subset_size=min(1000, n),
+            kid_subsets=100,
+            **kwargs,
+        )
+        return {
+            "fid": metrics["frechet_inception_distance"],
+            "kid_mean": metrics["kernel_inception_distance_mean"],
+            "kid_std": metrics["kernel_inception_distance_std"],
+        }
+
+    def _against_stats(self, samples: torch.Tensor, kwargs: dict) -> dict[str, float]:
+        from torch_fidelity.metric_fid import fid_input_id_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.utils import create_feature_extractor
+
+        ref = np.load(self.stats_path)
+        extractor = create_feature_extractor(EXTRACTOR, ["2048"], **kwargs)
+        stats = fid_input_id_to_statistics(
+            1, extractor, "2048", input1=UInt8Images(samples), **kwargs
+        )
+        ref_stats = {
+            "mu": ref["mu"].astype(stats["mu"].dtype),
+            "sigma": ref["sigma"].astype(stats["sigma"].dtype),
+        }
+        return {
+            "fid": fid_statistics_to_metric(stats, ref_stats, False)["frechet_inception_distance"]
+        }
+
+
+def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None:
+    """The run's evaluator, or None when FID is off. Raises FIDUnavailable at start-up when
+    FID was asked for explicitly and the weights cannot be had; in auto mode, says once that
+    FID is off and why."""
+    from fastdiff.data import DeviceBatches, ShardImages, is_sharded
+
+    fid_cfg = cfg.eval.fid
+    try:
+        weights = resolve_weights(fid_cfg.weights_path, download=explicit)
+    except FIDUnavailable as err:
+        if explicit:
+            raise
+        log.warning("FID off: %s", err)
+        return None
+    if is_sharded(cfg.data.path):
+        view = ShardImages(cfg.data.path)
+        images, name = view.images, data_hash(manifest=view.manifest)
+    elif isinstance(batches, DeviceBatches):
+        images = batches.images.cpu()
+        name = data_hash(images)
+    else:  # pragma: no cover - every source is one of the two
+        raise TypeError(type(batches))
+    if fid_cfg.reference_limit:
+        images = images[: fid_cfg.reference_limit]
+    log.info(
+        "FID: %s weights, reference %s (%d images)%s",
+        weights,
+        name,
+        len(images),
+        f", statistics {fid_cfg.stats_path}" if fid_cfg.stats_path else "",
+    )
+    return FIDEvaluator(images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m fastdiff.eval RUN_DIR [--step N] [--nfe 50] [--samples 10000] [--sampler ddpm]"""
+    import argparse
+
+    from fastdiff.config import ConfigError, load_run_config
+    from fastdiff.data import make_batches
+    from fastdiff.rundir import find_checkpoint, write_text
+    from fastdiff.unet import build_model
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.eval", description="FID/KID of a saved checkpoint's EMA weights."
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--nfe", type=int, default=50)
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--weights", help="Inception weights file (eval.fid.weights_path)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg = load_run_config(args.run_dir)
+        step, ckpt = find_checkpoint(args.run_dir, args.step)
+        if not 1 <= args.nfe <= cfg.diffusion.T:
+            raise ConfigError(f"--nfe must be in [1, {cfg.diffusion.T}], got {args.nfe}")
+        if args.samples < 2:
+            raise ConfigError(f"--samples must be >= 2, got {args.samples}")
+        cfg.eval.fid.weights_path = args.weights or cfg.eval.fid.weights_path
+        batches = make_batches(cfg.data, 1, 0, 0, 1, "cpu")
+        evaluator = build_evaluator(cfg, batches, device, explicit=True)
+    except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
+        print(f"fastdiff.eval: error: {err}")
+        return 2
+    model = build_model(
+        cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
+    )
+    model.load_state_dict(torch.load(ckpt, map_location="cpu")["ema"])
+    model.to(device).eval()
+    schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
+    start = time.perf_counter()
+    samples = generate(
+        model,
+        schedule,
+        range(args.samples),
+        (3, cfg.data.image_size, cfg.data.image_size),
+        args.sampler,
+        args.nfe,
+        cfg.eval.seed,
+        args.batch_size,
+        progress=True,
+    )
+    result = {
+        "step": step,
+        "sampler": args.sampler,
+        "nfe": args.nfe,
+        "samples": args.samples,
+        **{f"eval/fid/{k}": v for k, v in evaluator(samples).items()},
+        "seconds": time.perf_counter() - start,
+    }
+    write_text(
+        args.run_dir / f"eval_step{step:07d}_{args.sampler}{args.nfe}_n{args.samples}.json",
+        json.dumps(result, indent=1) + "\n",
+    )
+    print(json.dumps(result))
+    return 0
