@@ -69,7 +69,8 @@ class TrainConfig:
     log_every: int = 500
     ckpt_every: int = 2000
     keep_checkpoints: int = 3
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA, off on CPU (slower there, see README)
+    compile_backend: str = "inductor"
     resume: str | None = None  # a checkpoint file, or a run dir (its latest checkpoint)
     runs_root: str = "runs"
     run_dir: str | None = None  # default: <runs_root>/<experiment>/<timestamp>

@@ -19,6 +19,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.diffusion import eps_mse, q_sample
+from fastdiff.kernels import reference_only
 from fastdiff.seeding import stream_generator
 
 
@@ -116,7 +117,11 @@ class CurvatureProbe:
 
         generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
         try:
-            with sdpa_kernel(SDPBackend.MATH), torch.autocast(self.x_t.device.type, enabled=False):
+            with (
+                sdpa_kernel(SDPBackend.MATH),
+                torch.autocast(self.x_t.device.type, enabled=False),
+                reference_only(),  # the Triton kernels have no double-backward / jvp rules
+            ):
                 return hutchinson_trace(
                     loss_fn, dict(model.named_parameters()), self.probes, generator, self.chunk_size
                 )

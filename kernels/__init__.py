@@ -1,0 +1,59 @@
+"""Triton kernels for fastdiff, imported as ``fastdiff.kernels``.
+
+Each op is a ``torch.library`` custom op (``fastdiff::…``) with a fake implementation
+and autograd, so ``torch.compile(fullgraph=True)`` treats it as one opaque node. The
+op runs its Triton kernel on CUDA; on other devices it runs the torch reference
+kept in the same file, unless ``TRITON_INTERPRET=1`` asks for the Triton
+interpreter (that is how the tests check the kernels on a CPU).
+
+``reference_only()`` forces the plain-torch path, for code that needs double
+backward or forward-mode AD (the Hutchinson probe): the kernels define neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+_REFERENCE_ONLY = contextvars.ContextVar("fastdiff_kernels_reference_only", default=False)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Run the Triton kernel for a tensor on this device?"""
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_allowed() -> bool:
+    """False inside ``reference_only()``: modules should take their plain-torch path."""
+    return not _REFERENCE_ONLY.get()
+
+
+@contextlib.contextmanager
+def reference_only():
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
+from fastdiff.kernels.groupnorm_silu import (  # noqa: E402
+    group_norm_silu,
+    group_norm_silu_reference,
+)
+from fastdiff.kernels.weighted_mse import weighted_mse, weighted_mse_reference  # noqa: E402
+
+__all__ = [
+    "group_norm_silu",
+    "group_norm_silu_reference",
+    "kernels_allowed",
+    "reference_only",
+    "use_triton",
+    "weighted_mse",
+    "weighted_mse_reference",
+]

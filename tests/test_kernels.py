@@ -1,0 +1,246 @@
+"""Every kernel, forward and backward, against its torch reference.
+
+On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set in conftest),
+in float32 with tiny and odd shapes. bf16/fp16 and speed need a GPU: marked, skipped here.
+"""
+
+import os
+
+import pytest
+import torch
+from fastdiff.kernels import (
+    group_norm_silu,
+    group_norm_silu_reference,
+    reference_only,
+    use_triton,
+    weighted_mse,
+    weighted_mse_reference,
+)
+from fastdiff.kernels.groupnorm_silu import group_norm_silu_fwd_triton
+from fastdiff.kernels.weighted_mse import weighted_mse_fwd_triton
+
+from fastdiff.diffusion import Schedule
+from fastdiff.unet import build_model
+
+# Per-dtype tolerances, in one place (fp32 on the interpreter; half types on a GPU).
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def check(actual, expected, dtype, what):
+    torch.testing.assert_close(
+        actual.float(), expected.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}"
+    )
+
+
+def test_the_interpreter_path_is_what_runs_here():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert use_triton(torch.zeros(1))
+
+
+GN_SHAPES = [
+    # (B, C, H, W, groups)
+    (1, 4, 3, 5, 1),  # batch 1, one group
+    (2, 6, 5, 3, 3),  # channels not a power of two
+    (3, 32, 8, 8, 8),
+    (2, 16, 33, 35, 4),  # H*W > the block: the kernel loops over the plane
+]
+
+
+@pytest.mark.parametrize("B, C, H, W, groups", GN_SHAPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_group_norm_silu_forward_and_backward(B, C, H, W, groups, layout):
+    dtype = torch.float32
+    x = torch.randn(B, C, H, W) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(C), torch.randn(C)
+    leaves = [v.clone().requires_grad_(True) for v in (x, weight, bias)]
+    ref_leaves = [v.clone().requires_grad_(True) for v in (x, weight, bias)]
+    y = group_norm_silu(*leaves, groups)
+    y_ref = group_norm_silu_reference(*ref_leaves, groups, 1e-5)
+    check(y, y_ref, dtype, "forward")
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for name, a, b in zip(("dx", "dweight", "dbias"), leaves, ref_leaves):
+        check(a.grad, b.grad, dtype, name)
+
+
+def test_group_norm_silu_stats_are_per_group():
+    x = torch.zeros(1, 4, 2, 2)
+    x[:, 2:] = 10.0  # group 1 is constant 10: normalised to 0, SiLU(β) out
+    y, mean, rstd = group_norm_silu_fwd_triton(x, torch.ones(4), torch.zeros(4), 2, 1e-5)
+    assert mean.tolist() == [[0.0, 10.0]]
+    assert torch.all(y == 0)
+
+
+def test_group_norm_silu_rejects_bad_groups():
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_silu(torch.zeros(1, 6, 2, 2), torch.ones(6), torch.zeros(6), 4)
+
+
+MSE_SHAPES = [(1, 3, 4, 4), (5, 3, 7, 9), (2, 3, 32, 32)]  # the last spans several blocks
+
+
+@pytest.mark.parametrize("shape", MSE_SHAPES)
+@pytest.mark.parametrize("weighting", ["uniform", "minsnr"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_weighted_mse_forward_and_backward(shape, weighting, schedule):
+    ac = Schedule.make(schedule, 1000).alphas_cumprod.float()
+    B = shape[0]
+    t = torch.tensor([0, 999, 1, 500, 250][:B])  # both ends of the schedule: SNR huge / ~0
+    pred, target = torch.randn(shape), torch.randn(shape)
+    p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss = weighted_mse(p1, target, t, ac, 5.0, weighting)
+    ref = weighted_mse_reference(p2, target, t, ac, 5.0, weighting)
+    assert loss.shape == (B,) and loss.dtype == torch.float32
+    check(loss, ref, torch.float32, "loss")
+    g = torch.randn(B)
+    loss.backward(g)
+    ref.backward(g)
+    check(p1.grad, p2.grad, torch.float32, "grad")
+
+
+def test_weighted_mse_value_computed_by_hand():
+    # ᾱ = 0.8 -> SNR 4 (< γ=5, weight 1); ᾱ = 0.95 -> SNR 19 (weight 5/19).
+    ac = torch.tensor([0.8, 0.95])
+    pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
+    loss = weighted_mse_fwd_triton(
+        pred, torch.zeros_like(pred), torch.tensor([0, 1]), ac, 5.0, "minsnr"
+    )
+    assert loss.tolist() == pytest.approx([1.0, 4.0 * 5 / 19], rel=1e-6)
+
+
+def test_weighted_mse_rejects_bad_arguments():
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="weighting"):
+        weighted_mse(x, x, torch.tensor([0]), torch.tensor([0.5]), 5.0, "p2")
+    with pytest.raises(ValueError, match="gamma"):
+        weighted_mse(x, x, torch.tensor([0]), torch.tensor([0.5]), 0.0, "minsnr")
+
+
+def _unet_grads(kernels):
+    torch.manual_seed(0)
+    model = build_model("unet_tiny", 16, 0.0, 8, kernels)
+    for p in model.parameters():  # leave the zero-init so every block matters
+        torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 700])
+    ac = Schedule.make("linear", 1000).alphas_cumprod.float()
+    out = model(x, t)
+    loss_fn = weighted_mse if kernels == "triton" else weighted_mse_reference
+    loss_fn(
+        out,
+        torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+        t,
+        ac,
+        5.0,
+        "minsnr",
+    ).sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_unet_gradients_with_triton_kernels_match_torch():
+    out_k, grads_k = _unet_grads("triton")
+    out_t, grads_t = _unet_grads("torch")
+    check(out_k, out_t, torch.float32, "unet output")
+    for name in grads_t:
+        torch.testing.assert_close(
+            grads_k[name],
+            grads_t[name],
+            atol=1e-4,
+            rtol=1e-3,
+            msg=lambda m, n=name: f"grad of {n}: {m}",
+        )
+
+
+def test_reference_only_switches_modules_to_plain_torch(monkeypatch):
+    import fastdiff.kernels.groupnorm_silu as gn
+
+    calls = []
+    real = gn.group_norm_silu_fwd_triton
+    monkeypatch.setattr(gn, "group_norm_silu_fwd_triton", lambda *a: calls.append(1) or real(*a))
+    model = build_model("unet_tiny", 16, 0.0, 8, "triton")
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    model(x, t)
+    n = len(calls)
+    assert n > 0
+    with reference_only():
+        model(x, t)
+    assert len(calls) == n
+
+
+def test_compile_fullgraph_of_unet_and_loss_matches_eager():
+    torch._dynamo.reset()
+    model = build_model("unet_tiny", 8, 0.0, 8, "triton")
+    ac = Schedule.make("cosine", 1000).alphas_cumprod.float()
+    x, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 900])
+
+    def step(x, t, noise):
+        return weighted_mse(model(x, t), noise, t, ac, 5.0, "minsnr")
+
+    eager = step(x, t, noise)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, t, noise)
+    check(compiled, eager, torch.float32, "compiled loss")
+
+
+@GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_in_half_precision_on_gpu(dtype):
+    x = torch.randn(4, 128, 16, 16, device="cuda", dtype=dtype)
+    w = torch.randn(128, device="cuda")
+    b = torch.randn(128, device="cuda")
+    check(
+        group_norm_silu(x, w, b, 32),
+        group_norm_silu_reference(x.float(), w, b, 32, 1e-5),
+        dtype,
+        "gn forward",
+    )
+    ac = Schedule.make("linear", 1000).alphas_cumprod.float().cuda()
+    t = torch.randint(0, 1000, (4,), device="cuda")
+    pred, target = (
+        torch.randn(4, 3, 32, 32, device="cuda", dtype=dtype),
+        torch.randn(4, 3, 32, 32, device="cuda", dtype=dtype),
+    )
+    check(
+        weighted_mse(pred, target, t, ac),
+        weighted_mse_reference(pred, target, t, ac, 5.0, "minsnr"),
+        dtype,
+        "loss",
+    )
+
+
+@pytest.mark.parametrize("variant", ["model.kernels=triton", "train.compile=true"])
+def test_training_step_agrees_with_the_eager_torch_path(tmp_path, variant):
+    """Fused kernels (interpreter) and the compiled step (aot_eager backend here: inductor's
+    C++ build takes minutes on CPU) give the eager torch path's losses."""
+    from fastdiff.config import compose, to_config
+    from fastdiff.trainer import Trainer
+    from tests.conftest import tiny
+
+    def losses(*extra):
+        torch._dynamo.reset()
+        cfg = to_config(
+            compose(
+                tiny(
+                    tmp_path,
+                    "loss=minsnr",
+                    "train.compile_backend=aot_eager",
+                    "train.batch_size=2",
+                    *extra,
+                )
+            )
+        )
+        trainer = Trainer(cfg)  # two steps: the second sees the first one's update
+        return torch.stack([trainer.train_step(s)[0] for s in range(2)])
+
+    check(losses(variant), losses(), torch.float32, variant)
