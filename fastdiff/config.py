@@ -69,9 +69,11 @@ class TrainConfig:
     log_every: int = 500
     ckpt_every: int = 2000
     keep_checkpoints: int = 3
+    on_nonfinite: str = "stop"  # "stop": end the run, keep the last good checkpoint; "skip"
+    preempt_check_every: int = 10  # steps between ranks agreeing on a stop signal
     compile: bool | None = None  # None: on for CUDA, off on CPU (slower there, see README)
     compile_backend: str = "inductor"
-    resume: str | None = None  # a checkpoint file, or a run dir (its latest checkpoint)
+    resume: str | None = None  # a checkpoint file, a run dir (its latest), or "auto"
     runs_root: str = "runs"
     run_dir: str | None = None  # default: <runs_root>/<experiment>/<timestamp>
     progress: bool = True
@@ -440,7 +442,12 @@ def validate(cfg: Config) -> None:
             f"eval.fid.stats_path={cfg.eval.fid.stats_path} does not exist: pass an .npz "
             "with mu and sigma, or leave it unset to use the training set",
         )
-    if cfg.train.resume is not None:
+    need(
+        cfg.train.on_nonfinite in ("stop", "skip"),
+        f"train.on_nonfinite must be 'stop' or 'skip', got {cfg.train.on_nonfinite!r}",
+    )
+    need(cfg.train.preempt_check_every > 0, "train.preempt_check_every must be > 0")
+    if cfg.train.resume not in (None, "auto"):
         need(
             Path(cfg.train.resume).exists(),
             f"train.resume={cfg.train.resume} does not exist: "

@@ -82,9 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(container), end="")
             return 0
         cfg = to_config(node)
-        from fastdiff.trainer import training_loop
+        from fastdiff.trainer import Stopped, training_loop
 
-        summary = training_loop(cfg)
+        try:
+            summary = training_loop(cfg)
+        except Stopped as stop:
+            print(f"fastdiff: {stop}", file=sys.stderr)
+            return stop.exit_code
     except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
         print(f"fastdiff: error: {err}", file=sys.stderr)
         return 2

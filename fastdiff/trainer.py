@@ -7,10 +7,13 @@ between logs it accumulates on the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
+from fastdiff.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fastdiff.config import Config, flat
 from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
@@ -32,8 +36,6 @@ from fastdiff.rundir import (
     checkpoints,
     config_yaml,
     new_run_dir,
-    resolve_checkpoint,
-    save_torch,
     write_text,
 )
 from fastdiff.sampling import sample
@@ -52,30 +54,73 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 
-def draw_t_noise(seed: int, step: int, rank: int, batch: int, shape, T: int, device):
-    """Timesteps (B,) and noise (B, C, H, W) of one step, from their own streams."""
+def draw_t_noise(
+    seed: int, step: int, rank: int, world_size: int, batch: int, shape, T: int, device
+):
+    """This rank's slice of the step's timesteps (B,) and noise (B, C, H, W).
+
+    Drawn for the global batch and sliced, so N processes at batch B see what one
+    process at batch N·B sees (tested), each stream from its own generator."""
     gen_device = device if device.type == "cuda" else "cpu"
-    g = stream_generator(seed, "timesteps", step, rank, device=gen_device)
-    t = torch.randint(0, T, (batch,), generator=g, device=gen_device)
-    g = stream_generator(seed, "noise", step, rank, device=gen_device)
-    noise = torch.randn((batch, *shape), generator=g, device=gen_device)
+    rows = slice(rank * batch, (rank + 1) * batch)
+    g = stream_generator(seed, "timesteps", step, device=gen_device)
+    t = torch.randint(0, T, (batch * world_size,), generator=g, device=gen_device)[rows]
+    g = stream_generator(seed, "noise", step, device=gen_device)
+    noise = torch.randn((batch * world_size, *shape), generator=g, device=gen_device)[rows]
     return t.to(device), noise.to(device)
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal, resumable with train.resume=auto
+EXIT_DIVERGED = 3
+
+
+class Stopped(Exception):
+    """Training ended before train.total_steps."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, message: str):
+        super().__init__(message)
+        self.step = step
+
+
+class Preempted(Stopped):
+    exit_code = EXIT_PREEMPTED
+
+
+class Diverged(Stopped):
+    exit_code = EXIT_DIVERGED
 
 
 @dataclass
 class Window:
-    """Device-side sums since the last log; read (one host sync) at the log cadence."""
+    """Device-side sums since the last log; read (one host sync) at the log cadence.
+
+    Non-finite steps are counted, not summed: ``bad`` and the first such step are
+    tracked on the device, so divergence is detected without a per-step sync."""
 
     loss: torch.Tensor
     mse: torch.Tensor
     grad_norm: torch.Tensor
+    bad: torch.Tensor
+    first_bad: torch.Tensor
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
     excluded: float = 0.0  # seconds of periodic work inside the window
 
     @classmethod
     def new(cls, device) -> Window:
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+        zeros = [torch.zeros((), device=device) for _ in range(4)]
+        return cls(*zeros, torch.full((), float("inf"), device=device))
+
+    def add(self, step: int, loss, mse, grad_norm, finite: torch.Tensor) -> None:
+        zero = torch.zeros((), device=loss.device)
+        self.loss += torch.where(finite, loss, zero)
+        self.mse += torch.where(finite, mse, zero)
+        self.grad_norm += torch.where(finite, grad_norm, zero)
+        self.bad += (~finite).float()
+        self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step + 1))
+        self.steps += 1
 
 
 class Trainer:
@@ -137,10 +182,18 @@ class Trainer:
             )
 
         self.start_step = 0
-        resume = resolve_checkpoint(cfg.train.resume) if cfg.train.resume else None
+        resume = resolve_resume(cfg)
         self.run_dir = self._run_dir(resume)
         if resume is not None:
-            self.start_step = self._load(resume)
+            self.start_step = load_checkpoint(
+                resume,
+                self.acc.unwrap_model(self.model),
+                self.ema,
+                self.opt,
+                self.acc.scaler,
+                cfg,
+                self.device,
+            )
             self.batches.seek(self.start_step)
         if self.acc.is_main_process:
             write_text(self.run_dir / "config.yaml", config_yaml(cfg))
@@ -206,26 +259,37 @@ class Trainer:
             )
         return eps_loss(self.model, x0, t, noise, self.alphas_cumprod, self.weights)
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg, rank = self.cfg, self.acc.process_index
+    def train_step(self, step: int):
+        """One optimizer step. Returns device tensors (loss, unweighted mse, grad norm,
+        finite); a non-finite loss or gradient skips the update on the device."""
+        cfg, rank, world = self.cfg, self.acc.process_index, self.acc.num_processes
         x0 = self.batches.batch(step)
         t, noise = draw_t_noise(
-            cfg.train.seed, step, rank, x0.shape[0], self.image_shape, cfg.diffusion.T, self.device
+            cfg.train.seed,
+            step,
+            rank,
+            world,
+            x0.shape[0],
+            self.image_shape,
+            cfg.diffusion.T,
+            self.device,
         )
         torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
         with self.acc.autocast():
             per_sample = self.loss(x0, t, noise)
         loss = per_sample.mean()
         self.acc.backward(loss)
-        if cfg.train.grad_clip > 0:
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        else:
-            grad_norm = torch.zeros((), device=self.device)
+        grad_norm = self.acc.clip_grad_norm_(
+            self.model.parameters(), cfg.train.grad_clip or float("inf")
+        )
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        if self.acc.scaler is None:  # fused Adam skips the update where found_inf is 1
+            self.opt.optimizer.found_inf = (~finite).float()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.acc.unwrap_model(self.model))
         mse = (per_sample.detach() / self.weights[t]).mean()
-        return loss.detach(), mse, grad_norm.detach().float()
+        return loss.detach(), mse, grad_norm.detach().float(), finite
 
     # ------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -254,50 +318,40 @@ class Trainer:
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.weights.mean().item()})
         periodic = self._periodic()
-        for step in range(self.start_step, total):
-            if self.compiled and step == self.start_step:
-                t0 = time.perf_counter()
-                loss, mse, grad_norm = self.train_step(step)
-                loss.item()  # one sync, to time compilation
-                log.info(
-                    "compiled the training step in %.1f s (cache %s)",
-                    time.perf_counter() - t0,
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"],
-                )
-            else:
-                loss, mse, grad_norm = self.train_step(step)
-            window.loss += loss
-            window.mse += mse
-            window.grad_norm += grad_norm
-            window.steps += 1
-            bar.update()
-            done = step + 1
-
-            if done % cfg.train.log_every == 0 or done == total:
-                last, seconds = self._log(done, window)
-                train_seconds += seconds
-                images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
-                bar.set_postfix(
-                    loss=f"{last['train/loss']:.4f}", img_s=f"{last['perf/images_per_sec']:.0f}"
-                )
-                if bar.disable and self.acc.is_main_process:
-                    log.info(
-                        "step %d/%d  train/loss %.4f  %.0f img/s",
-                        done,
-                        total,
-                        last["train/loss"],
-                        last["perf/images_per_sec"],
-                    )
-                window = Window.new(self.device)
-            for due, job in periodic:
-                if due(done):
-                    t0 = time.perf_counter()
-                    job(done)
-                    window.excluded += time.perf_counter() - t0
+        self.window = window
+        stop, status = None, {}
+        with self._signals():
+            try:
+                for step in range(self.start_step, total):
+                    window.add(step, *self._timed_step(step))
+                    bar.update()
+                    done = step + 1
+                    if done % cfg.train.log_every == 0 or done == total:
+                        last, seconds = self._log(done, window)
+                        train_seconds += seconds
+                        images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
+                        self._show(bar, done, last)
+                        window = self.window = Window.new(self.device)
+                    for due, job in periodic:
+                        if due(done):
+                            t0 = time.perf_counter()
+                            job(done)
+                            window.excluded += time.perf_counter() - t0
+                    self._maybe_preempt(done)
+            except Stopped as err:
+                stop = err
+                status = {
+                    "step": err.step,
+                    "preempted": isinstance(err, Preempted),
+                    "diverged": isinstance(err, Diverged),
+                    "stopped": str(err),
+                }
         bar.close()
         summary = {
             **last,
             "step": total,
+            "preempted": False,
+            "diverged": False,
             "experiment": cfg.experiment,
             "wall_time_s": time.perf_counter() - wall_start,
             "train_time_s": train_seconds,
@@ -305,6 +359,7 @@ class Trainer:
             "params": self.n_params,
             "device": str(self.device),
             "processes": self.acc.num_processes,
+            **status,
         }
         self.metrics.close()
         if self.acc.is_main_process:
@@ -315,8 +370,87 @@ class Trainer:
                 log.info(
                     "report: %s", write_report([Run.load(self.run_dir)], self.run_dir / "report")
                 )
+        if stop is not None:
+            raise stop
         self.acc.wait_for_everyone()
         return summary
+
+    def _timed_step(self, step: int):
+        if not (self.compiled and step == self.start_step):
+            return self.train_step(step)
+        t0 = time.perf_counter()
+        out = self.train_step(step)
+        out[0].item()  # one sync, to time compilation
+        log.info(
+            "compiled the training step in %.1f s (cache %s)",
+            time.perf_counter() - t0,
+            os.environ["TORCHINDUCTOR_CACHE_DIR"],
+        )
+        return out
+
+    def _show(self, bar, done: int, last: dict) -> None:
+        bar.set_postfix(
+            loss=f"{last['train/loss']:.4f}", img_s=f"{last['perf/images_per_sec']:.0f}"
+        )
+        if bar.disable and self.acc.is_main_process:
+            log.info(
+                "step %d/%d  train/loss %.4f  %.0f img/s",
+                done,
+                self.cfg.train.total_steps,
+                last["train/loss"],
+                last["perf/images_per_sec"],
+            )
+
+    # ----------------------------------------------------- stopping early
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM/SIGINT finish the current step, checkpoint, and exit with EXIT_PREEMPTED."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._signal = signum
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+    def _maybe_preempt(self, done: int) -> None:
+        world = self.acc.num_processes
+        if world > 1:  # agree across ranks, every few steps (a collective, not every step)
+            if done % self.cfg.train.preempt_check_every:
+                return
+            flag = torch.tensor(float(self._signal), device=self.device)
+            signum = int(self.acc.reduce(flag, reduction="sum").item())
+        else:
+            signum = self._signal
+        if not signum or done >= self.cfg.train.total_steps:
+            return
+        self._save_checkpoint(done)
+        self.metrics.log(done, {"event/preempted": 1})
+        raise Preempted(
+            done,
+            f"stopped by signal at step {done}: resume with "
+            f"train.resume=auto train.run_dir={self.run_dir}",
+        )
+
+    def _check_finite(self, step: int) -> None:
+        """Policy stop: raise Diverged if any step since the last log was non-finite."""
+        w = self.window
+        per_rank = self.acc.gather(torch.stack([w.bad, w.first_bad])[None])  # (ranks, 2)
+        if per_rank[:, 0].sum().item() > 0:
+            first = int(per_rank[:, 1].min().item())
+            raise Diverged(
+                first,
+                f"non-finite loss or gradient at step {first}: stopped "
+                f"(train.on_nonfinite=stop); the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}",
+            )
 
     def _periodic(self):
         """(is it due at this step?, job) pairs, run after the step in this order."""
@@ -340,26 +474,25 @@ class Trainer:
 
     # -------------------------------------------------------- periodic work
     def _log(self, step: int, w: Window) -> tuple[dict[str, float], float]:
-        sums = torch.stack([w.loss, w.mse, w.grad_norm]) / w.steps
-        sums = self.acc.reduce(sums, reduction="mean")  # the host sync of this window
-        loss, mse, grad_norm = sums.tolist()
+        sums = torch.stack([w.loss, w.mse, w.grad_norm, w.bad])
+        sums = self.acc.reduce(sums, reduction="sum")  # the host sync of this window
+        loss, mse, grad_norm, bad = sums.tolist()
+        if bad and self.cfg.train.on_nonfinite == "stop":
+            self._check_finite(step)
+        good = max(w.steps * self.acc.num_processes - bad * self.acc.num_processes, 1)
         seconds = time.perf_counter() - w.start - w.excluded
         images = w.steps * self.cfg.train.batch_size * self.acc.num_processes
         metrics = {
-            "train/loss": loss,
-            "train/mse_unweighted": mse,
-            "train/grad_norm": grad_norm,
+            "train/loss": loss / good,
+            "train/mse_unweighted": mse / good,
+            "train/grad_norm": grad_norm / good,
             "train/lr": self.cfg.optim.lr,
+            "train/nonfinite_steps": int(bad / self.acc.num_processes),
             "perf/images_per_sec": images / seconds,
             "perf/seconds_per_step": seconds / w.steps,
             "data/skipped": self._total_skipped(),
         }
         self.metrics.log(step, metrics)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss} at step {step}: the run diverged "
-                f"(last checkpoint in {self.run_dir / 'checkpoints'})"
-            )
         return metrics, seconds
 
     def _fid(self, step: int, n: int, prefix: str) -> None:
@@ -444,36 +577,21 @@ class Trainer:
         tmp.replace(path)
 
     def _save_checkpoint(self, step: int) -> None:
+        if self.cfg.train.on_nonfinite == "stop":
+            self._check_finite(step)  # never write a checkpoint past a divergence
         if self.acc.is_main_process:
-            state = {
-                "step": step,
-                "model": self.acc.unwrap_model(self.model).state_dict(),
-                "ema": self.ema.state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "scaler": self.acc.scaler.state_dict() if self.acc.scaler else None,
-                # Data order, t, noise and dropout are streams keyed by (seed, step):
-                # the step restores them exactly. The CPU state is kept for anything else.
-                "rng": {"torch": torch.get_rng_state()},
-                "config": config_yaml(self.cfg),
-            }
-            save_torch(state, self.run_dir / "checkpoints" / f"step_{step:07d}.pt")
+            save_checkpoint(
+                self.run_dir / "checkpoints" / f"step_{step:07d}.pt",
+                step,
+                self.acc.unwrap_model(self.model),
+                self.ema,
+                self.opt,
+                self.acc.scaler,
+                self.cfg,
+            )
             for old in checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
                 old.unlink()
         self.acc.wait_for_everyone()
-
-    def _load(self, path: Path) -> int:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["optimizer"])
-        if self.acc.scaler is not None and state.get("scaler"):
-            self.acc.scaler.load_state_dict(state["scaler"])
-        if state["step"] >= self.cfg.train.total_steps:
-            log.warning(
-                "checkpoint %s is already at step %d >= train.total_steps", path, state["step"]
-            )
-        log.info("resumed from %s at step %d", path, state["step"])
-        return state["step"]
 
 
 def training_loop(cfg: Config) -> dict:

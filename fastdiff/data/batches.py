@@ -63,17 +63,25 @@ class DeviceBatches:
     def batch(self, step: int) -> torch.Tensor:
         """Images of this rank at ``step``, float in [-1, 1], scaled on the device."""
         return to_model_range(
-            self.images[self.indices(step)], self.seed, step, self.rank, self.hflip
+            self.images[self.indices(step)],
+            self.seed,
+            step,
+            self.rank,
+            self.hflip,
+            self.world_size,
         )
 
 
 def to_model_range(
-    images: torch.Tensor, seed: int, step: int, rank: int, hflip: bool
+    images: torch.Tensor, seed: int, step: int, rank: int, hflip: bool, world_size: int = 1
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the device -> float [-1, 1], with the step's random flips."""
+    """uint8 (B, C, H, W) on the device -> float [-1, 1], with the step's random flips
+    (drawn for the global batch and sliced, like the timesteps and noise)."""
     x = images.float().div_(127.5).sub_(1)
     if hflip:
-        g = stream_generator(seed, "flip", step, rank)
-        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+        B = x.shape[0]
+        g = stream_generator(seed, "flip", step)
+        coins = torch.rand(B * world_size, generator=g)[rank * B : (rank + 1) * B]
+        flip = (coins < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x

@@ -168,7 +168,7 @@ class StreamBatches:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
-        self.seed, self.rank, self.hflip = seed, rank, hflip
+        self.seed, self.rank, self.world_size, self.hflip = seed, rank, world_size, hflip
         self.skipped = 0
         self._it = None
 
@@ -191,7 +191,12 @@ class StreamBatches:
             images, _, skipped = next(self._it)
         self.skipped += skipped
         return to_model_range(
-            images.to(self.device, non_blocking=True), self.seed, step, self.rank, self.hflip
+            images.to(self.device, non_blocking=True),
+            self.seed,
+            step,
+            self.rank,
+            self.hflip,
+            self.world_size,
         )
 
 
