@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test lint bench install clean
+.PHONY: quickstart test lint bench bench-check install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,14 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benches -p no:randomly --benchmark-only --benchmark-autosave \
 		--benchmark-json=.benchmarks/latest.json
 	$(BIN)/python -m benches.ratios .benchmarks/latest.json --out benches/RESULTS.md
+
+# Regression gate (not part of make test: these machines are noisy). Fails when the
+# training step or the sampler is more than 25% slower (median) than the committed
+# baseline of this machine class (benches/baseline, from a quiet `make bench`).
+bench-check: $(STAMP)
+	$(BIN)/python -m pytest benches -k "train_step or sampler or bare_forward" --benchmark-only \
+		--benchmark-storage=file://benches/baseline --benchmark-compare=0001 \
+		--benchmark-compare-fail=median:25%
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

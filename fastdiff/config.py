@@ -132,7 +132,9 @@ class CurvatureConfig:
     batch_size: int = 4
     every: int | None = None  # default: train.log_every
     t_bins: int = 0  # > 0: also a trace per timestep bin (curvature/hutch/t{lo}-{hi}/...)
-    chunk_size: int | None = None  # probes per vmap chunk (None: all at once)
+    # Probes per vmap chunk. None: 4 on CPU (measured: 2.6x faster than all 16 at once on
+    # unet_cifar32, cache-bound), all at once on CUDA.
+    chunk_size: int | None = None
 
 
 GROUP_DEFAULTS = {

@@ -155,7 +155,7 @@ class RunProbes:
                 weights,
                 c.probes,
                 seed,
-                c.chunk_size,
+                c.chunk_size or (4 if torch.device(device).type == "cpu" else None),
             )
 
         self.main = make()

@@ -11,17 +11,14 @@ The loader pins host memory; scaling to [-1, 1] and flips happen on the device.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import warnings
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fastdiff.data.batches import to_model_range
@@ -50,14 +47,81 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (3, H, W)."""
-    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    return torch.from_numpy(img.copy()).permute(2, 0, 1)
+    """PNG bytes -> uint8 (3, H, W), through libpng (torchvision), ~3x PIL's speed."""
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_png as tv_decode_png
+
+    return tv_decode_png(
+        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+    )
+
+
+def tar_samples(path: str | Path):
+    """Samples of one shard as dicts {"__key__", "png", "cls", ...}, in order.
+
+    A direct reader of the POSIX tar layout (512-byte headers, data padded to 512),
+    several times faster than the tarfile module that webdataset iterates with; the
+    header checksum is verified, and a truncated or corrupt shard raises ValueError
+    at the first bad member (the stream's handler counts and skips it).
+    """
+    data = Path(path).read_bytes()
+    view = memoryview(data)
+    offset, sample, key, ended, pax_path = 0, {}, None, False, None
+    while offset + 512 <= len(data):
+        header = data[offset : offset + 512]
+        if header == _ZERO_BLOCK:
+            ended = True
+            break
+        stored = int(header[148:156].rstrip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ValueError(f"{path}: bad tar header checksum at byte {offset}")
+        kind = header[156:157]
+        name = header[:100].rstrip(b"\0").decode()
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        start = offset + 512
+        if start + size > len(data):
+            raise ValueError(f"{path}: truncated member {name}")
+        offset = start + (size + 511) // 512 * 512
+        if kind in (b"x", b"g"):  # PAX extended header: only a long path matters here
+            records = _pax_records(data[start : start + size])
+            if kind == b"x" and "path" in records:
+                pax_path = records["path"]
+            continue
+        if kind not in (b"0", b"\0"):
+            raise ValueError(f"{path}: unsupported tar member type {kind!r} (re-run prepare)")
+        if pax_path is not None:
+            name, pax_path = pax_path, None
+        member_key, _, ext = name.partition(".")
+        if member_key != key and sample:
+            yield sample
+            sample = {}
+        key = member_key
+        sample["__key__"] = key
+        sample[ext] = bytes(view[start : start + size])
+    if not ended:
+        raise ValueError(f"{path}: truncated (no end-of-archive block)")
+    if sample:
+        yield sample
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """ "%d key=value\\n" records of a PAX header."""
+    out, i = {}, 0
+    while i < len(payload):
+        space = payload.index(b" ", i)
+        length = int(payload[i:space])
+        key, _, value = payload[space + 1 : i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode()
+        i += length
+    return out
 
 
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of one shard, in order: uint8 (N, 3, H, W) and labels (N,)."""
-    samples = list(wds.tarfile_to_samples()([{"url": str(path)}]))
+    samples = list(tar_samples(path))
     return (
         torch.stack([decode_png(s["png"]) for s in samples]),
         torch.tensor([int(s["cls"]) for s in samples]),
@@ -136,7 +200,23 @@ class ShardStream(IterableDataset):
                 yield torch.stack(images), torch.tensor(labels), skips.count - reported
                 reported = skips.count
 
-        samples = wds.tarfile_to_samples(handler=skips)(shard_urls())
+        def read(urls):
+            failures = 0  # in a row: every shard unreadable must not spin forever
+            for item in urls:
+                try:
+                    for sample in tar_samples(item["url"]):
+                        failures = 0
+                        yield sample
+                except (OSError, ValueError) as exn:  # unreadable or truncated shard
+                    skips(exn)
+                    failures += 1
+                    if failures >= 3 * len(self.urls) + 10:
+                        raise RuntimeError(
+                            f"no readable shard among {len(self.urls)} in "
+                            f"{self.path}: re-run fastdiff.data.prepare"
+                        ) from exn
+
+        samples = read(shard_urls())
         samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 200), rng=rng)(
             samples
         )
