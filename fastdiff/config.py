@@ -88,7 +88,9 @@ class DataConfig:
     path: str | None = None
     image_size: int = 32
     hflip: bool = False
-    workers: int = 2  # WebDataset loader processes
+    # WebDataset loader processes. None: one per core left after the trainer, at most 4
+    # (measured on 2 cores: 1 worker 8.4k img/s, 2 workers 5.5-6.6k, oversubscribed).
+    workers: int | None = None
     shuffle_buffer: int = 2000
 
 
@@ -390,7 +392,10 @@ def validate(cfg: Config) -> None:
         f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards",
     )
     need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
-    need(cfg.data.workers >= 0, f"data.workers must be >= 0, got {cfg.data.workers}")
+    need(
+        cfg.data.workers is None or cfg.data.workers >= 0,
+        f"data.workers must be >= 0 (or null for auto), got {cfg.data.workers}",
+    )
     if cfg.data.name in ("cifar10", "shards"):
         where = "is not set" if cfg.data.path is None else f"={cfg.data.path} does not exist"
         prepare = (

@@ -7,6 +7,7 @@ digits and a raw CIFAR-10 python archive are held on the device.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,11 @@ __all__ = [
 ]
 
 
+def default_workers() -> int:
+    """One loader process per core left after the trainer's, between 1 and 4."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
 def is_sharded(path: str | None) -> bool:
     return path is not None and (Path(path) / MANIFEST).is_file()
 
@@ -45,7 +51,7 @@ def make_batches(data_cfg, batch_size: int, seed: int, rank: int, world_size: in
             world_size=world_size,
             hflip=data_cfg.hflip,
             device=device,
-            workers=data_cfg.workers,
+            workers=default_workers() if data_cfg.workers is None else data_cfg.workers,
             shuffle_buffer=data_cfg.shuffle_buffer,
         )
     images = load_images(data_cfg.name, data_cfg.path, data_cfg.image_size)
