@@ -28,6 +28,28 @@ from fastdiff.kernels import use_triton
 
 
 @triton.jit
+def _plane(w_ptr, bias_ptr, mean_ptr, rstd_ptr, C, CPG, stride_b, stride_c):
+    """This program's (b, c) plane: its (b, group) index, the group's mean and rstd, the
+    channel's affine γ and β, and the plane's offset."""
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    bg = b * (C // CPG) + c // CPG
+    mean = tl.load(mean_ptr + bg)
+    rstd = tl.load(rstd_ptr + bg)
+    gamma = tl.load(w_ptr + c).to(tl.float32)
+    beta = tl.load(bias_ptr + c).to(tl.float32)
+    return bg, mean, rstd, gamma, beta, b * stride_b + c * stride_c
+
+
+@triton.jit
+def _silu_grad(dy, xhat, gamma, beta):
+    """∂z = ∂y · σ(z) (1 + z (1 − σ(z))) at z = γ x̂ + β."""
+    z = xhat * gamma + beta
+    s = 1.0 / (1.0 + tl.exp(-z))
+    return dy * s * (1.0 + z * (1.0 - s))
+
+
+@triton.jit
 def _plane_stats_kernel(x_ptr, sums_ptr, C, HW, stride_b, stride_c, stride_hw, BLOCK: tl.constexpr):
     # program (b, c): Σx and Σx² over the H·W plane, in fp32
     b = tl.program_id(0)
@@ -60,14 +82,9 @@ def _fwd_apply_kernel(
     stride_hw,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    g = c // CPG
-    mean = tl.load(mean_ptr + b * (C // CPG) + g)
-    rstd = tl.load(rstd_ptr + b * (C // CPG) + g)
-    gamma = tl.load(w_ptr + c).to(tl.float32)
-    beta = tl.load(bias_ptr + c).to(tl.float32)
-    off = b * stride_b + c * stride_c
+    bg, mean, rstd, gamma, beta, off = _plane(
+        w_ptr, bias_ptr, mean_ptr, rstd_ptr, C, CPG, stride_b, stride_c
+    )
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HW
@@ -95,14 +112,9 @@ def _bwd_sums_kernel(
     BLOCK: tl.constexpr,
 ):
     # program (b, c): Σ∂z and Σ∂z·x̂ over the plane (z recomputed from x)
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    g = c // CPG
-    mean = tl.load(mean_ptr + b * (C // CPG) + g)
-    rstd = tl.load(rstd_ptr + b * (C // CPG) + g)
-    gamma = tl.load(w_ptr + c).to(tl.float32)
-    beta = tl.load(bias_ptr + c).to(tl.float32)
-    off = b * stride_b + c * stride_c
+    bg, mean, rstd, gamma, beta, off = _plane(
+        w_ptr, bias_ptr, mean_ptr, rstd_ptr, C, CPG, stride_b, stride_c
+    )
     acc_dz = tl.zeros((BLOCK,), dtype=tl.float32)
     acc_dzx = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, HW, BLOCK):
@@ -111,13 +123,12 @@ def _bwd_sums_kernel(
         v = tl.load(x_ptr + off + offs * stride_hw, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off + offs * stride_hw, mask=mask, other=0.0).to(tl.float32)
         xhat = (v - mean) * rstd
-        z = xhat * gamma + beta
-        s = 1.0 / (1.0 + tl.exp(-z))
-        dz = dy * s * (1.0 + z * (1.0 - s))
+        dz = _silu_grad(dy, xhat, gamma, beta)
         acc_dz += tl.where(mask, dz, 0.0)
         acc_dzx += tl.where(mask, dz * xhat, 0.0)
-    tl.store(sums_ptr + (b * C + c) * 2, tl.sum(acc_dz, axis=0))
-    tl.store(sums_ptr + (b * C + c) * 2 + 1, tl.sum(acc_dzx, axis=0))
+    plane = tl.program_id(0) * C + tl.program_id(1)
+    tl.store(sums_ptr + plane * 2, tl.sum(acc_dz, axis=0))
+    tl.store(sums_ptr + plane * 2 + 1, tl.sum(acc_dzx, axis=0))
 
 
 @triton.jit
@@ -139,26 +150,18 @@ def _bwd_dx_kernel(
     stride_hw,
     BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    g = c // CPG
-    G = C // CPG
-    mean = tl.load(mean_ptr + b * G + g)
-    rstd = tl.load(rstd_ptr + b * G + g)
-    m1 = tl.load(m1_ptr + b * G + g)  # mean_g(∂x̂)
-    m2 = tl.load(m2_ptr + b * G + g)  # mean_g(∂x̂ · x̂)
-    gamma = tl.load(w_ptr + c).to(tl.float32)
-    beta = tl.load(bias_ptr + c).to(tl.float32)
-    off = b * stride_b + c * stride_c
+    bg, mean, rstd, gamma, beta, off = _plane(
+        w_ptr, bias_ptr, mean_ptr, rstd_ptr, C, CPG, stride_b, stride_c
+    )
+    m1 = tl.load(m1_ptr + bg)  # mean_g(∂x̂)
+    m2 = tl.load(m2_ptr + bg)  # mean_g(∂x̂ · x̂)
     for start in range(0, HW, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HW
         v = tl.load(x_ptr + off + offs * stride_hw, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + off + offs * stride_hw, mask=mask, other=0.0).to(tl.float32)
         xhat = (v - mean) * rstd
-        z = xhat * gamma + beta
-        s = 1.0 / (1.0 + tl.exp(-z))
-        dxhat = gamma * dy * s * (1.0 + z * (1.0 - s))
+        dxhat = gamma * _silu_grad(dy, xhat, gamma, beta)
         dx = rstd * (dxhat - m1 - xhat * m2)
         tl.store(dx_ptr + off + offs * stride_hw, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
