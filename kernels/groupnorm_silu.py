@@ -270,10 +270,26 @@ def _stats_reference(x, groups: int, eps: float):
 
 
 def group_norm_silu_bwd_reference(dy, x, weight, bias, groups: int, eps: float):
-    with torch.enable_grad():
-        leaves = [v.detach().requires_grad_(True) for v in (x, weight, bias)]
-        y = group_norm_silu_reference(*leaves, groups, eps)
-        return torch.autograd.grad(y, leaves, dy)
+    """The backward of the module docstring in plain torch (a custom op's body runs below
+    autograd, so it cannot differentiate the forward reference itself)."""
+    B, C = x.shape[:2]
+    mean, rstd = _stats_reference(x, groups, eps)  # (B, G)
+    xg = x.float().reshape(B, groups, -1)
+    xhat = ((xg - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    gamma = weight.float().view(1, C, 1, 1)
+    z = xhat * gamma + bias.float().view(1, C, 1, 1)
+    s = torch.sigmoid(z)
+    dz = dy.float() * s * (1 + z * (1 - s))
+    dxhat = (dz * gamma).reshape(B, groups, -1)
+    xh = xhat.reshape(B, groups, -1)
+    dx = rstd[..., None] * (
+        dxhat - dxhat.mean(-1, keepdim=True) - xh * (dxhat * xh).mean(-1, keepdim=True)
+    )
+    return (
+        dx.reshape(x.shape).to(x.dtype),
+        (dz * xhat).sum((0, 2, 3)).to(weight.dtype),
+        dz.sum((0, 2, 3)).to(bias.dtype),
+    )
 
 
 # --------------------------------------------------------------- registration

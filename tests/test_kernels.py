@@ -244,3 +244,19 @@ def test_training_step_agrees_with_the_eager_torch_path(tmp_path, variant):
         return torch.stack([trainer.train_step(s)[0] for s in range(2)])
 
     check(losses(variant), losses(), torch.float32, variant)
+
+
+def test_cpu_reference_path_of_the_op_has_correct_gradients(monkeypatch):
+    """Without the interpreter, CPU tensors take the ops' torch reference (forward and
+    backward): it must match plain autograd too."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not use_triton(torch.zeros(1))
+    x = torch.randn(2, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(6), torch.randn(6)
+    leaves = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    ref = [v.clone().requires_grad_(True) for v in (x, w, b)]
+    dy = torch.randn(2, 6, 5, 3)
+    group_norm_silu(*leaves, 3).backward(dy)
+    group_norm_silu_reference(*ref, 3, 1e-5).backward(dy)
+    for name, a, r in zip(("dx", "dweight", "dbias"), leaves, ref):
+        check(a.grad, r.grad, torch.float32, name)
