@@ -289,6 +289,15 @@ def build_store() -> ZenStore:
 
 
 # ------------------------------------------------------------------- the CLI side
+def dotted(node: dict, prefix: str = ""):
+    """Nested dict -> ("a.b.c", leaf value) pairs."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def overrides_from_yaml(path: str | Path) -> list[str]:
     """An experiment YAML file -> Hydra overrides (group choices + dotted keys)."""
     path = Path(path)
@@ -301,14 +310,7 @@ def overrides_from_yaml(path: str | Path) -> list[str]:
             for key, value in entry.items():
                 out.append(f"{key.removeprefix('override /')}={value}")
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out.append(f"{prefix[:-1]}={'null' if value is None else value}")
-
-    walk("", node)
+    out += [f"{k}={'null' if v is None else v}" for k, v in dotted(node)]
     return out
 
 
@@ -476,16 +478,6 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 def flat(cfg: Config) -> dict[str, Any]:
     """The config as a flat {"group.key": value} dict (for TensorBoard's hparams)."""
-    node = OmegaConf.structured(cfg)
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if k != "defaults":
-                    walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = value
-
-    walk("", OmegaConf.to_container(node))
-    return out
+    node = OmegaConf.to_container(OmegaConf.structured(cfg))
+    node.pop("defaults", None)
+    return dict(dotted(node))

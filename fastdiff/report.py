@@ -80,7 +80,7 @@ class Run:
         return f"{self.name} ({self.schedule} β, {w})"
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        pts = [(r["step"], _num(r[key])) for r in self.rows if key in r]
+        pts = [(r["step"], float(r[key])) for r in self.rows if key in r]
         if not pts:
             return np.zeros(0), np.zeros(0)
         steps, values = zip(*pts)
@@ -93,10 +93,6 @@ class Run:
     def final_grid(self) -> Path | None:
         grids = sorted((self.path / "samples").glob("grid_*.png"))
         return grids[-1] if grids else None
-
-
-def _num(v) -> float:
-    return float(v)  # non-finite values are logged as the strings "nan", "inf", "-inf"
 
 
 # -------------------------------------------------------------------- criteria

@@ -114,10 +114,9 @@ class Window:
         return cls(*zeros, torch.full((), float("inf"), device=device))
 
     def add(self, step: int, loss, mse, grad_norm, finite: torch.Tensor) -> None:
-        zero = torch.zeros((), device=loss.device)
-        self.loss += torch.where(finite, loss, zero)
-        self.mse += torch.where(finite, mse, zero)
-        self.grad_norm += torch.where(finite, grad_norm, zero)
+        self.loss += torch.where(finite, loss, 0.0)
+        self.mse += torch.where(finite, mse, 0.0)
+        self.grad_norm += torch.where(finite, grad_norm, 0.0)
         self.bad += (~finite).float()
         self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step + 1))
         self.steps += 1
@@ -479,7 +478,7 @@ class Trainer:
         loss, mse, grad_norm, bad = sums.tolist()
         if bad and self.cfg.train.on_nonfinite == "stop":
             self._check_finite(step)
-        good = max(w.steps * self.acc.num_processes - bad * self.acc.num_processes, 1)
+        good = max(w.steps * self.acc.num_processes - bad, 1)  # bad is summed over ranks
         seconds = time.perf_counter() - w.start - w.excluded
         images = w.steps * self.cfg.train.batch_size * self.acc.num_processes
         metrics = {

@@ -33,6 +33,20 @@ def _weight(ac_ptr, t, gamma, MINSNR: tl.constexpr):
 
 
 @triton.jit
+def _chunk(
+    pred_ptr, target_ptr, t_ptr, ac_ptr, N, gamma, MINSNR: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Program (b, k): its chunk of sample b, the difference ε̂ − ε there (fp32) and w(t_b)."""
+    b = tl.program_id(0)
+    k = tl.program_id(1)
+    offs = k * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    p = tl.load(pred_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(target_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    return b, k, offs, mask, p - e, _weight(ac_ptr, tl.load(t_ptr + b), gamma, MINSNR)
+
+
+@triton.jit
 def _fwd_kernel(
     pred_ptr,
     target_ptr,
@@ -47,15 +61,7 @@ def _fwd_kernel(
 ):
     # grid (B, CHUNKS): program (b, k) sums w·(ε̂−ε)²/N over its chunk of sample b;
     # the CHUNKS partials of a sample are added afterwards (deterministic, no atomics).
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs = k * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    p = tl.load(pred_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(target_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    d = p - e
-    t = tl.load(t_ptr + b)
-    w = _weight(ac_ptr, t, gamma, MINSNR)
+    b, k, offs, mask, d, w = _chunk(pred_ptr, target_ptr, t_ptr, ac_ptr, N, gamma, MINSNR, BLOCK)
     tl.store(partial_ptr + b * CHUNKS + k, w * tl.sum(d * d, axis=0) / N)
 
 
@@ -74,16 +80,9 @@ def _bwd_kernel(
 ):
     # ∂loss_b/∂ε̂_bi = 2 w(t_b) (ε̂_bi − ε_bi) / N, times the incoming ∂L/∂loss_b.
     # The target (ε) is data: it gets no gradient.
-    b = tl.program_id(0)
-    k = tl.program_id(1)
-    offs = k * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    p = tl.load(pred_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    e = tl.load(target_ptr + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + b)
+    b, k, offs, mask, d, w = _chunk(pred_ptr, target_ptr, t_ptr, ac_ptr, N, gamma, MINSNR, BLOCK)
     g = tl.load(grad_out_ptr + b).to(tl.float32)
-    w = _weight(ac_ptr, t, gamma, MINSNR)
-    grad = (2.0 * w * g / N) * (p - e)
+    grad = (2.0 * w * g / N) * d
     tl.store(grad_pred_ptr + b * N + offs, grad.to(grad_pred_ptr.dtype.element_ty), mask=mask)
 
 

@@ -42,28 +42,19 @@ def is_sharded(path: str | None) -> bool:
 
 def make_batches(data_cfg, batch_size: int, seed: int, rank: int, world_size: int, device):
     """The run's batch source: ``batch(step)`` gives float [-1, 1] images on the device."""
+    common = dict(rank=rank, world_size=world_size, hflip=data_cfg.hflip, device=device)
     if is_sharded(data_cfg.path):
+        workers = default_workers() if data_cfg.workers is None else data_cfg.workers
         return StreamBatches(
             data_cfg.path,
             batch_size,
             seed,
-            rank=rank,
-            world_size=world_size,
-            hflip=data_cfg.hflip,
-            device=device,
-            workers=default_workers() if data_cfg.workers is None else data_cfg.workers,
+            workers=workers,
             shuffle_buffer=data_cfg.shuffle_buffer,
+            **common,
         )
     images = load_images(data_cfg.name, data_cfg.path, data_cfg.image_size)
-    return DeviceBatches(
-        images,
-        batch_size,
-        seed,
-        rank=rank,
-        world_size=world_size,
-        hflip=data_cfg.hflip,
-        device=device,
-    )
+    return DeviceBatches(images, batch_size, seed, **common)
 
 
 def probe_pool(data_cfg, batches) -> torch.Tensor:
