@@ -38,6 +38,17 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                     f"{median(ours) * 1e3:.0f} ms vs {median(peer) * 1e3:.0f} ms",
                 )
             )
+        if ours and ours["extra_info"].get("flops"):
+            achieved = ours["extra_info"]["flops"] / median(ours)
+            peak = ours["extra_info"].get("peak_flops")
+            rows.append(
+                (
+                    f"train step, batch {batch}: model FLOP/s (fastdiff eager)",
+                    f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
+                    f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
+                    "GFLOP per step",
+                )
+            )
         if ours and comp:
             rows.append(
                 (
@@ -86,9 +97,15 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                     "",
                 )
             )
-    ema = get("test_ema_update")
-    if ema:
-        rows.append(("EMA update (foreach lerp)", f"{median(ema) * 1e3:.2f} ms", ""))
+    ema, per_tensor = get("test_ema_update[flat]"), get("test_ema_update[per_tensor]")
+    if ema and per_tensor:
+        rows.append(
+            (
+                "EMA update: foreach lerp / one lerp over the flat buffer",
+                f"{median(per_tensor) / median(ema):.2f}×",
+                f"{median(ema) * 1e3:.2f} ms flat",
+            )
+        )
     return rows
 
 

@@ -1,5 +1,7 @@
 """Sampler vs bare forward passes, EMA update, Hutchinson vmap vs loop, shard loader."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from benches._setup import DEVICE, MODEL, SMOKE, sync
 from fastdiff.curvature import hutchinson_trace
 from fastdiff.diffusion import Schedule, eps_mse, q_sample
 from fastdiff.ema import EMA
+from fastdiff.flat import flatten_
 from fastdiff.sampling import ddim_sample, ddpm_sample
 from fastdiff.unet import build_model
 
@@ -52,8 +55,11 @@ def test_bare_forward(benchmark, model, nfe):
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
 
 
-def test_ema_update(benchmark, model):
-    ema = EMA(model, 0.999)
+@pytest.mark.parametrize("layout", ["flat", "per_tensor"])
+def test_ema_update(benchmark, model, layout):
+    """One lerp over the flat parameter buffer (the trainer's) vs a foreach lerp."""
+    model = copy.deepcopy(model)
+    ema = EMA(model, 0.999, flatten_(model) if layout == "flat" else None)
     benchmark(lambda: (ema.update(model), sync()))
 
 

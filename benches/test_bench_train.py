@@ -37,7 +37,13 @@ def test_fastdiff_train_step(benchmark, tmp_path, batch, mode):
         sync()
 
     step()  # warm-up (covers compilation)
-    benchmark.extra_info.update(params=trainer.n_params, batch=batch, mode=mode)
+    benchmark.extra_info.update(
+        params=trainer.n_params,
+        batch=batch,
+        mode=mode,
+        flops=trainer.step_flops,
+        peak_flops=trainer.peak_flops,
+    )
     benchmark.pedantic(
         step, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1
     )

@@ -35,6 +35,7 @@ class ModelConfig:
     base_channels: int = 64
     dropout: float = 0.1
     kernels: str = "torch"  # "torch" reference ops; "triton" for fastdiff.kernels on CUDA
+    channels_last: bool = True  # NHWC weights and activations: faster convs on CPU and GPU
 
 
 @dataclass

@@ -30,6 +30,8 @@ from fastdiff.data import make_batches, probe_pool
 from fastdiff.diffusion import Schedule, eps_loss, q_sample
 from fastdiff.ema import EMA
 from fastdiff.fid import FIDEvaluator, build_evaluator, generate, shard_of
+from fastdiff.flat import backs, flatten_
+from fastdiff.flops import peak_flops, train_step_flops
 from fastdiff.kernels import weighted_mse
 from fastdiff.rundir import (
     MetricsLog,
@@ -153,16 +155,30 @@ class Trainer:
             cfg.data.image_size,
             cfg.model.kernels,
         ).to(self.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.ema = EMA(model, cfg.train.ema_decay)
+        # counted once on the meta device: convolutions, matmuls and attention, fwd + bwd
+        self.step_flops = train_step_flops(
+            cfg.model.name, cfg.model.base_channels, cfg.data.image_size, cfg.train.batch_size
+        )
+        self.peak_flops = peak_flops(self.device)
+        # Adam, clipping and the EMA each run as one kernel over this buffer (fastdiff.flat)
+        self.flat = flatten_(model)
+        self.ema = EMA(model, cfg.train.ema_decay, self.flat)
         opt = torch.optim.Adam(
-            model.parameters(),
+            [self.flat],
             lr=cfg.optim.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             weight_decay=cfg.optim.weight_decay,
             fused=True,
         )
-        self.model, self.opt = self.acc.prepare(model, opt)
+        # The model is on self.device already: accelerate's own .to("cpu:0") would copy
+        # every parameter out of the flat buffer.
+        self.model = self.acc.prepare_model(model, device_placement=False)
+        self.opt = self.acc.prepare_optimizer(opt)
+        if not backs(self.flat, model):
+            raise RuntimeError("the model's parameters left the flat buffer during prepare")
         self.compiled = (
             cfg.train.compile
             if cfg.train.compile is not None
@@ -278,14 +294,12 @@ class Trainer:
             per_sample = self.loss(x0, t, noise)
         loss = per_sample.mean()
         self.acc.backward(loss)
-        grad_norm = self.acc.clip_grad_norm_(
-            self.model.parameters(), cfg.train.grad_clip or float("inf")
-        )
+        grad_norm = self.acc.clip_grad_norm_([self.flat], cfg.train.grad_clip or float("inf"))
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         if self.acc.scaler is None:  # fused Adam skips the update where found_inf is 1
             self.opt.optimizer.found_inf = (~finite).float()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=False)  # the model's .grad are views of flat.grad
         self.ema.update(self.acc.unwrap_model(self.model))
         mse = (per_sample.detach() / self.weights[t]).mean()
         return loss.detach(), mse, grad_norm.detach().float(), finite
@@ -356,6 +370,7 @@ class Trainer:
             "train_time_s": train_seconds,
             "images_per_sec": images_seen / train_seconds if train_seconds else None,
             "params": self.n_params,
+            "flops_per_step": self.step_flops * self.acc.num_processes,
             "device": str(self.device),
             "processes": self.acc.num_processes,
             **status,
@@ -489,8 +504,12 @@ class Trainer:
             "train/nonfinite_steps": int(bad / self.acc.num_processes),
             "perf/images_per_sec": images / seconds,
             "perf/seconds_per_step": seconds / w.steps,
+            "perf/tflops": self.step_flops * w.steps * self.acc.num_processes / seconds / 1e12,
             "data/skipped": self._total_skipped(),
         }
+        if self.peak_flops:  # model FLOP utilisation, against every process's peak
+            peak = self.peak_flops * self.acc.num_processes / 1e12
+            metrics["perf/mfu"] = metrics["perf/tflops"] / peak
         self.metrics.log(step, metrics)
         return metrics, seconds
 

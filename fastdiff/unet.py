@@ -64,6 +64,41 @@ class GroupNormSiLU(nn.GroupNorm):
         return F.silu(super().forward(x))
 
 
+class Dropout(nn.Dropout):
+    """Dropout whose CPU mask comes from 16-bit draws: four per 64-bit random word.
+
+    ``F.dropout`` on CPU spends ~0.9 ms per (4, 128, 16, 16) activation in the Bernoulli
+    sampler, 5% of a ``unet_cifar32`` training step at batch 4; one ``random_`` fill of a
+    quarter as many int64 words and a compare cost ~0.2 ms. The drop probability is
+    rounded to a multiple of 2⁻¹⁶ (0.1 → 0.100006) and the survivors scaled by the
+    exact 1 / P(keep). CUDA keeps ``F.dropout`` (Philox, fused by the compiler).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * dropout_mask(x, self.p)
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x-shaped tensor of 0 (probability ≈ p) and 1 / P(keep), from the default CPU
+    generator (so ``torch.manual_seed`` fixes it)."""
+    drop = round(p * 65536)  # uniform int16 u is dropped iff u < drop - 32768
+    if drop >= 65536:
+        return torch.zeros_like(x)
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    u = words.view(torch.int16)[: x.numel()]
+    # iid draws: lay them out with x's strides (NCHW or channels_last) so x * mask is dense
+    u = u.as_strided(x.shape, x.stride()) if _dense(x) else u.view(x.shape)
+    return torch.where(u >= drop - 32768, 65536 / (65536 - drop), 0.0).to(x.dtype)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -77,7 +112,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
         self.norm2 = GroupNormSiLU(groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -99,9 +134,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        # (B, 3C, H, W) -> tokens (B, HW, 3, C): a view, no copy, when channels_last
+        tokens = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, 3, C)
+        q, k, v = tokens.unsqueeze(1).unbind(3)  # (B, 1, HW, C) each
+        h = F.scaled_dot_product_attention(q, k, v).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous()
+        return x + self.proj(h)
 
 
 class UNet(nn.Module):

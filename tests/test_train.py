@@ -8,6 +8,7 @@ import torch
 
 import fastdiff.trainer as trainer_mod
 from fastdiff.config import compose, to_config
+from fastdiff.flops import train_step_flops
 from fastdiff.trainer import training_loop
 from tests.conftest import tiny
 
@@ -55,6 +56,11 @@ def test_run_directory_contents(tmp_path):
     assert list(run_dir.glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["step"] == 6 and saved["images_per_sec"] > 0 and saved == summary
+    # achieved TFLOP/s = counted FLOPs per step / seconds per step
+    assert saved["flops_per_step"] == train_step_flops("unet_tiny", 16, 8, 4)
+    last = [r for r in rows if "train/loss" in r][-1]
+    expected = saved["flops_per_step"] / last["perf/seconds_per_step"] / 1e12
+    assert last["perf/tflops"] == pytest.approx(expected, rel=1e-6)
     assert not list(run_dir.rglob(".*.tmp*"))  # nothing half-written left behind
 
 

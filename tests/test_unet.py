@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastdiff.unet import MODELS, build_model, timestep_embedding
+from fastdiff.unet import MODELS, Attention, Dropout, build_model, timestep_embedding
 
 
 def test_unet_cifar32_matches_the_ddpm_parameter_count():
@@ -55,3 +55,68 @@ def test_bad_model_arguments():
         build_model("unet_cifar32", 48, 0.1, 32)
     with pytest.raises(ValueError, match="divisible"):
         build_model("unet_cifar32", 64, 0.1, 12)
+
+
+def _randomised(model):
+    """Non-zero residual branches, so every layer shapes the output."""
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.dim() > 1 and torch.count_nonzero(p) == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_channels_last_model_matches_the_contiguous_one():
+    model = _randomised(build_model("unet_tiny", 16, 0.0, 8))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    ref = model(x, t)
+    cl = model.to(memory_format=torch.channels_last)
+    assert cl.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl(x, t), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_is_softmax_qk_times_v():
+    """Single-head attention against a direct einsum over the H·W tokens."""
+    attn = Attention(8, 4)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x = torch.randn(2, 8, 4, 4)
+    qkv = attn.qkv(attn.norm(x)).flatten(2)  # (B, 3C, HW)
+    q, k, v = qkv[:, :8], qkv[:, 8:16], qkv[:, 16:]
+    weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / 8**0.5, dim=-1)
+    h = torch.einsum("bij,bcj->bci", weights, v).reshape(2, 8, 4, 4)
+    expected = x + attn.proj(h)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out = attn.to(memory_format=fmt)(x.contiguous(memory_format=fmt))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cpu_dropout_rate_scale_and_gradient(fmt):
+    p = 0.1
+    x = torch.rand(4, 16, 32, 32).add(1).contiguous(memory_format=fmt).requires_grad_()
+    torch.manual_seed(0)
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    n = x.numel()
+    # Binomial(n, 0.9): the kept fraction lies within 5 standard deviations of 0.9
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    keep = 1 - round(p * 2**16) / 2**16  # p rounded to 16 bits; the scale is exactly 1/keep
+    torch.testing.assert_close(y[kept], x[kept] / keep)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / keep)
+    assert y.is_contiguous(memory_format=fmt)
+    # neighbouring elements are independent: no 4-periodic pattern from the 16-bit split
+    flat = kept.flatten().float().view(-1, 4).mean(0)
+    assert (flat - (1 - p)).abs().max() < 5 * (p * (1 - p) / (n / 4)) ** 0.5
+
+
+def test_cpu_dropout_follows_the_seed_and_is_off_in_eval():
+    x = torch.ones(2, 8, 4, 4)
+    drop = Dropout(0.3).train()
+    torch.manual_seed(5)
+    a = drop(x)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), a)
+    assert not torch.equal(drop(x), a)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))

@@ -1,0 +1,79 @@
+"""One flat buffer for all of a model's parameters, and one for their gradients.
+
+``unet_cifar32`` has 304 parameter tensors. Adam, gradient clipping and the EMA each
+launch one small kernel per tensor (or a foreach loop that does the same); with every
+parameter a view into one flat buffer each of them is a single kernel over 9M floats:
+measured on the 2-core CPU, fused Adam 6.7 → 4.7 ms (12 ms with channels_last weights,
+which the per-tensor fused path copies), the global gradient norm 4.2 → 1.3 ms.
+
+The views keep each parameter's strides, so channels_last weights stay channels_last.
+Gradients are views into the flat gradient buffer: autograd accumulates into an
+existing ``.grad`` in place, so the buffer always holds the whole gradient. Never set
+a model parameter's ``.grad`` to None afterwards; zero the flat buffer instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ALIGN = 16  # elements: every view starts on a 64-byte boundary (fp32)
+
+
+def _dense_strides(p: torch.Tensor) -> bool:
+    return p.is_contiguous() or (
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def flatten_(model: nn.Module, grads: bool = True) -> nn.Parameter:
+    """Move every parameter of ``model`` into one flat buffer (in place) and return it
+    as a Parameter whose ``.grad`` is the flat gradient buffer (when ``grads``).
+
+    Two models with the same architecture and memory format get the same layout, so
+    their flat buffers line up element for element (the EMA relies on it)."""
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("flatten_: the model has no parameters")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"flatten_ needs one dtype and one device, got {sorted(map(str, dtypes))} on "
+            f"{sorted(map(str, devices))}: cast the model first"
+        )
+    offsets, total = [], 0
+    for p in params:
+        if not _dense_strides(p):
+            raise ValueError(
+                f"flatten_: a parameter of shape {tuple(p.shape)} has strides {p.stride()}: "
+                "only contiguous or channels_last parameters can be flattened"
+            )
+        offsets.append(total)
+        total += -(-p.numel() // ALIGN) * ALIGN
+    flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+    grad = torch.zeros_like(flat) if grads else None
+    for p, offset in zip(params, offsets):
+        view = flat.as_strided(p.shape, p.stride(), offset)
+        view.copy_(p.detach())
+        p.data = view
+        if grad is not None:
+            p.grad = grad.as_strided(p.shape, p.stride(), offset)
+    out = nn.Parameter(flat, requires_grad=grads)
+    out.grad = grad
+    return out
+
+
+def backs(flat: torch.Tensor, model: nn.Module) -> bool:
+    """Whether every parameter of ``model`` (and its gradient) still lives in ``flat``:
+    a ``.to()`` that copies, or a ``.grad`` set to None, silently breaks the link."""
+    data, grad = flat.untyped_storage().data_ptr(), flat.grad
+    for p in model.parameters():
+        if p.untyped_storage().data_ptr() != data:
+            return False
+        if grad is not None and (
+            p.grad is None
+            or p.grad.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr()
+        ):
+            return False
+    return True
