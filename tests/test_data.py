@@ -111,6 +111,25 @@ def test_stream_is_deterministic_for_a_seed_and_changes_with_it(cifar):
     assert run(7, 2) == run(7, 2)  # with worker processes too
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_the_stream_exactly(cifar, workers):
+    """seek(k) then steps k, k+1, ... give the uninterrupted run's batches: mid-epoch
+    (k odd, so the workers' turns rotate), across an epoch end, in a later epoch."""
+    _, out, *_ = cifar
+
+    def batches(start, stop):
+        b = StreamBatches(out, 4, 5, workers=workers, shuffle_buffer=20)  # 25 per epoch
+        b.seek(start)
+        return [b.batch(s) for s in range(start, stop)]
+
+    threads = torch.get_num_threads()
+    whole = batches(0, 33)
+    assert torch.get_num_threads() == threads  # the loader's one-thread section restores it
+    for k in (7, 22, 28):
+        for got, want in zip(batches(k, k + 5), whole[k : k + 5], strict=True):
+            assert torch.equal(got, want), f"resume at {k}"
+
+
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(cifar, tmp_path):
     _, out, *_ = cifar
     bad = tmp_path / "bad"
