@@ -69,15 +69,18 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                     f"{per_image * 1e3:.1f} ms per image",
                 )
             )
-    vm, lp = get("test_hutchinson_vmap"), get("test_hutchinson_loop")
-    if vm and lp:
-        rows.append(
-            (
-                f"Hutchinson, K={vm['extra_info']['probes']}: loop / vmap",
-                f"{median(lp) / median(vm):.2f}×",
-                f"vmap {median(vm):.1f} s, loop {median(lp):.1f} s",
+    lp = get("test_hutchinson_loop")
+    for method in ("taylor", "jvp"):
+        vm = get(f"test_hutchinson_vmap[{method}]")
+        if vm and lp:
+            rows.append(
+                (
+                    f"Hutchinson, K={vm['extra_info']['probes']}: loop / vmap {method}",
+                    f"{median(lp) / median(vm):.2f}×",
+                    f"vmap {method} {median(vm):.1f} s, loop {median(lp):.1f} s",
+                )
             )
-        )
+    vm = get("test_hutchinson_vmap[taylor]")
     step = get("test_fastdiff_train_step[eager-4]")
     if vm and step:
         rows.append(

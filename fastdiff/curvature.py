@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
@@ -21,6 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from fastdiff.diffusion import eps_mse, q_sample
 from fastdiff.kernels import reference_only
 from fastdiff.seeding import stream_generator
+from fastdiff.taylor import vhv_taylor
+from fastdiff.unet import UNet
 
 
 @dataclass
@@ -37,10 +40,14 @@ def hutchinson_trace(
     probes: int,
     generator: torch.Generator,
     chunk_size: int | None = None,
+    vhv_fn=None,
 ) -> TraceEstimate:
     """vᵀHv for ``probes`` Rademacher vectors v, batched with vmap.
 
-    ``loss_fn(params) -> scalar``; ``params`` a dict of tensors (not modified).
+    ``loss_fn(params) -> scalar``; ``params`` a dict of tensors (not modified). By
+    default vᵀHv is forward-over-reverse (``jvp`` of ``grad``) under ``vmap``;
+    ``vhv_fn(params, vs) -> (n,)`` replaces it for a chunk of n stacked probes (e.g.
+    :func:`fastdiff.taylor.vhv_taylor`: same values, no backward pass).
     """
     params = {k: p.detach() for k, p in params.items()}
     grad_fn = grad(loss_fn)
@@ -49,19 +56,55 @@ def hutchinson_trace(
         hv = jvp(grad_fn, (params,), (v,))[1]
         return sum((v[k] * hv[k]).sum() for k in v)
 
-    vs = {
-        k: (
-            torch.randint(
-                0, 2, (probes, *p.shape), generator=generator, device=generator.device
-            ).to(p)
-            * 2
-            - 1
-        )
-        for k, p in params.items()
-    }
-    values = vmap(vhv, chunk_size=chunk_size)(vs).detach()
+    batched = vmap(vhv) if vhv_fn is None else partial(vhv_fn, params)
+
+    chunk = chunk_size or probes
+    values = []
+    for start in range(0, probes, chunk):  # the vectors of one chunk at a time
+        n = min(chunk, probes - start)
+        vs = {k: _stacked(p, n) for k, p in params.items()}
+        for i in range(n):  # drawn probe by probe: the vectors do not depend on the chunking
+            for k in params:
+                _signs_(vs[k][i], generator)
+        values.append(batched(vs).detach())
+        del vs
+    values = torch.cat(values)
     std = values.std().item() if probes > 1 else 0.0
     return TraceEstimate(values, values.mean().item(), std, std / probes**0.5)
+
+
+_BITS = {}
+
+
+def rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """±1 with probability ½ each, shaped like ``like``."""
+    return _signs_(torch.empty_like(like), generator)
+
+
+def _signs_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` with Rademacher signs, 64 per random int64 word (the 9M signs of the
+    UNet in 8 ms; ``randint(0, 2)`` then ``* 2 - 1`` take ~80 ms)."""
+    n, device = out.numel(), generator.device
+    if device not in _BITS:
+        _BITS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, (-(-n // 64),), generator=generator, dtype=torch.int64, device=device
+    )
+    bits = (words.view(torch.uint8)[:, None] >> _BITS[device]) & 1
+    return out.copy_(bits.view(-1)[:n].view(out.shape)).mul_(2).sub_(1)
+
+
+def _stacked(p: torch.Tensor, n: int) -> torch.Tensor:
+    """An empty (n, *p.shape) buffer; each p-shaped slice has p's memory format."""
+    if (
+        p.dim() == 4
+        and not p.is_contiguous()
+        and p.is_contiguous(memory_format=torch.channels_last)
+    ):
+        O, I, kh, kw = p.shape  # channels_last: (n·O, kh, kw, I) in memory
+        flat = torch.empty(n * O, kh, kw, I, dtype=p.dtype, device=p.device)
+        return flat.permute(0, 3, 1, 2).unflatten(0, (n, O))
+    return torch.empty(n, *p.shape, dtype=p.dtype, device=p.device)
 
 
 def probe_batch(
@@ -100,11 +143,26 @@ class CurvatureProbe:
         probes: int,
         seed: int,
         chunk_size: int | None = None,
+        method: str = "auto",
     ):
         self.x_t = q_sample(x0, t, noise, alphas_cumprod)
         self.t, self.noise = t, noise
         self.weight = weights.to(x0.device)[t].float()
-        self.probes, self.chunk_size, self.seed = probes, chunk_size, seed
+        self.probes, self.seed, self.method = probes, seed, method
+        self._chunk_size = chunk_size
+
+    def _taylor(self, model: torch.nn.Module) -> bool:
+        if self.method == "taylor" and not isinstance(model, UNet):
+            raise ValueError(
+                f"curvature.method=taylor needs fastdiff's UNet, got {type(model).__name__}: "
+                "use curvature.method=jvp"
+            )
+        return self.method == "taylor" or (self.method == "auto" and isinstance(model, UNet))
+
+    def chunk_size(self, taylor: bool) -> int | None:
+        if self._chunk_size or self.x_t.device.type != "cpu":
+            return self._chunk_size
+        return 8 if taylor else 4
 
     def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
         was_training = model.training
@@ -122,8 +180,18 @@ class CurvatureProbe:
                 torch.autocast(self.x_t.device.type, enabled=False),
                 reference_only(),  # the Triton kernels have no double-backward / jvp rules
             ):
+                taylor = self._taylor(model)
                 return hutchinson_trace(
-                    loss_fn, dict(model.named_parameters()), self.probes, generator, self.chunk_size
+                    loss_fn,
+                    dict(model.named_parameters()),
+                    self.probes,
+                    generator,
+                    self.chunk_size(taylor),
+                    partial(
+                        vhv_taylor, model, x_t=self.x_t, t=self.t, noise=self.noise, weight=weight
+                    )
+                    if taylor
+                    else None,
                 )
         finally:
             model.train(was_training)
@@ -155,7 +223,8 @@ class RunProbes:
                 weights,
                 c.probes,
                 seed,
-                c.chunk_size or (4 if torch.device(device).type == "cpu" else None),
+                c.chunk_size,
+                c.method,
             )
 
         self.main = make()

@@ -234,7 +234,7 @@ class UNet(nn.Module):
         return layer(h)  # down/upsampling
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.base_channels))  # (B, 4ch)
+        temb = self.temb(timestep_embedding(t, self.base_channels).to(x.dtype))  # (B, 4ch)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

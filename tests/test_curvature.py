@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdiff.config import compose, to_config
-from fastdiff.curvature import RunProbes, hutchinson_trace
+from fastdiff.curvature import RunProbes, hutchinson_trace, rademacher
 from fastdiff.data import load_images
 from fastdiff.diffusion import Schedule
 from fastdiff.unet import build_model
@@ -66,15 +66,34 @@ def test_single_probe_equals_explicit_double_backward():
     est = hutchinson_trace(loss_of, params, 1, torch.Generator().manual_seed(3))
     # The same Rademacher vector, drawn the same way, then Hv by double backward.
     g = torch.Generator().manual_seed(3)
-    v = {
-        k: torch.randint(0, 2, (1, *p.shape), generator=g).float()[0] * 2 - 1
-        for k, p in params.items()
-    }
+    v = {k: rademacher(p, g) for k, p in params.items()}
     grads = torch.autograd.grad(loss_of(params), list(params.values()), create_graph=True)
     dot = sum((gr * v[k]).sum() for gr, k in zip(grads, params))
     hv = torch.autograd.grad(dot, list(params.values()))
     expected = sum((h * v[k]).sum() for h, k in zip(hv, params))
     assert est.values.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rademacher_signs_are_fair_independent_and_chunk_free():
+    like = torch.zeros(3, 1000, 7)  # not a multiple of 64 elements
+    g = torch.Generator().manual_seed(0)
+    v = rademacher(like, g)
+    assert v.shape == like.shape and set(v.unique().tolist()) == {-1.0, 1.0}
+    n = v.numel()
+    assert abs(v.mean().item()) < 5 / n**0.5  # fair: mean 0, std 1/sqrt(n)
+    # no pattern along the 64 bits of a word: each bit position is fair on its own
+    per_bit = v.flatten()[: n // 64 * 64].view(-1, 64).mean(0)
+    assert per_bit.abs().max() < 5 / (n // 64) ** 0.5
+    assert not torch.equal(rademacher(like, g), v)  # the generator moves on
+
+    def loss(p):  # vᵀHv = 2 (Σv)²: differs from probe to probe
+        return p["w"].sum() ** 2
+
+    w = {"w": torch.randn(50)}
+    one = hutchinson_trace(loss, w, 6, torch.Generator().manual_seed(1), chunk_size=1)
+    all_ = hutchinson_trace(loss, w, 6, torch.Generator().manual_seed(1), chunk_size=4)
+    torch.testing.assert_close(one.values, all_.values)
+    assert one.values.unique().numel() > 1
 
 
 def _cfg(tmp_path, *extra):

@@ -1,0 +1,121 @@
+"""Second-order Taylor mode against autograd: every rule, then vᵀHv of the whole UNet."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastdiff.curvature import CurvatureProbe
+from fastdiff.taylor import Jet, conv2d, group_norm, linear_layer, silu, softmax, vhv_taylor
+from fastdiff.unet import build_model
+
+D = {"dtype": torch.float64}  # the rules are exact: compare in float64 to 1e-9
+
+
+K = 2  # probes: tangents carry a leading probe dimension
+
+
+def series(f, *jets):
+    """(y₀, y₁, y₂) of y(ε) = f(x(ε)) for x(ε) = c0 + ε c1 + ε² c2, by nested jvp in ε,
+    probe by probe (c1, c2 stacked over K)."""
+
+    def one(k):
+        def y(eps):
+            return f(*(j.c0 + eps * j.c1[k] + eps**2 * j.c2[k] for j in jets))
+
+        def dy(eps):
+            return jvp(y, (eps,), (torch.ones((), **D),))[1]
+
+        zero = torch.zeros((), **D)
+        return dy(zero), jvp(dy, (zero,), (torch.ones((), **D),))[1] / 2
+
+    y0 = f(*(j.c0 for j in jets))
+    y1, y2 = zip(*(one(k) for k in range(K)))
+    return y0, torch.stack(y1), torch.stack(y2)
+
+
+def rand_jet(*shape, moving=True):
+    """A jet with K tangents; a parameter (moving linearly, θ + εv) has c2 = 0."""
+    c2 = torch.randn(K, *shape, **D) if moving else torch.zeros(K, *shape, **D)
+    return Jet(torch.randn(shape, **D), torch.randn(K, *shape, **D), c2)
+
+
+def check(got: Jet, want):
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_silu_and_softmax_rules():
+    torch.manual_seed(0)
+    x = rand_jet(3, 7)
+    check(silu(x), series(F.silu, x))
+    check(softmax(x), series(lambda a: torch.softmax(a, -1), x))
+
+
+def test_group_norm_rule_with_moving_scale_and_shift():
+    torch.manual_seed(1)
+    x, g, b = rand_jet(2, 6, 3, 3), rand_jet(6, moving=False), rand_jet(6, moving=False)
+    check(
+        group_norm(x, Jet(g.c0, g.c1), Jet(b.c0, b.c1), 3, 1e-5),
+        series(lambda a, w, c: F.group_norm(a, 3, w, c, 1e-5), x, g, b),
+    )
+
+
+def test_conv_and_linear_rules():
+    torch.manual_seed(2)
+    x, w, b = rand_jet(2, 3, 5, 5), rand_jet(4, 3, 3, 3, moving=False), rand_jet(4, moving=False)
+    want = series(lambda a, k, c: F.conv2d(a, k, c, 2, 1), x, w, b)
+    check(conv2d(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1), 2, 1), want)
+    x, w, b = rand_jet(5, 3), rand_jet(4, 3, moving=False), rand_jet(4, moving=False)
+    check(linear_layer(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1)), series(F.linear, x, w, b))
+
+
+def _model():
+    torch.manual_seed(3)
+    model = build_model("unet_tiny", 16, 0.1, 8).eval().double()
+    for p in model.parameters():  # the zero-initialised output convs would hide terms
+        torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_vhv_equals_double_backward(channels_last):
+    model = _model()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(3, 3, 8, 8, generator=g, **D)
+    noise = torch.randn(3, 3, 8, 8, generator=g, **D)
+    t, weight = torch.tensor([5, 500, 990]), torch.tensor([1.0, 0.5, 2.0], **D)
+    params = dict(model.named_parameters())
+    vs = {
+        k: torch.randint(0, 2, (K, *p.shape), generator=g).double() * 2 - 1
+        for k, p in params.items()
+    }
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
+        loss = (weight * (model(x_t, t) - noise).square().flatten(1).mean(1)).mean()
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    expected = []
+    for i in range(K):  # explicit double backward, probe by probe
+        dot = sum((gr * vs[k][i]).sum() for gr, k in zip(grads, params))
+        hv = torch.autograd.grad(dot, list(params.values()), retain_graph=True)
+        expected.append(sum((h * vs[k][i]).sum() for h, k in zip(hv, params)))
+
+    got = vhv_taylor(model, {k: p.detach() for k, p in params.items()}, vs, x_t, t, noise, weight)
+    torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-8, atol=1e-8)
+
+
+def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp():
+    model = _model().float()
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
+    ac = torch.linspace(0.999, 0.01, 1000)
+    args = (x0, torch.tensor([10, 700]), noise, ac, torch.rand(1000) + 0.5, 6, 0)
+    taylor, jvp_ = CurvatureProbe(*args, method="auto"), CurvatureProbe(*args, method="jvp")
+    assert taylor._taylor(model) and not jvp_._taylor(model)
+    a, b = taylor.trace(model), jvp_.trace(model)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="curvature.method=jvp"):
+        CurvatureProbe(*args, method="taylor").trace(torch.nn.Linear(2, 2))
