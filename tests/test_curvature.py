@@ -50,7 +50,7 @@ def test_small_network_trace_matches_the_exact_hessian():
     est = hutchinson_trace(
         loss, unflatten(flat0), 4000, torch.Generator().manual_seed(1), chunk_size=1000
     )
-    assert abs(est.mean - exact.item()) < 4 * est.stderr + 1e-6
+    assert abs(est.mean - exact.item()) < 3 * est.stderr  # the issue: within 3 SE
     assert est.stderr < 0.2 * abs(exact.item())
 
 
