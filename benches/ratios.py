@@ -26,88 +26,75 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
     def get(name):
         return benches.get(name)
 
+    def add(what: str, ratio: str, absolute: str = "") -> None:
+        rows.append((what, ratio, absolute))
+
     for batch in (4, 128, 2):
         ours = get(f"test_fastdiff_train_step[eager-{batch}]")
         peer = get(f"test_diffusers_train_step[{batch}]")
         comp = get(f"test_fastdiff_train_step[compiled-{batch}]")
         if ours and peer:
-            rows.append(
-                (
-                    f"train step, batch {batch}: diffusers / fastdiff eager",
-                    f"{median(peer) / median(ours):.2f}×",
-                    f"{median(ours) * 1e3:.0f} ms vs {median(peer) * 1e3:.0f} ms",
-                )
+            add(
+                f"train step, batch {batch}: diffusers / fastdiff eager",
+                f"{median(peer) / median(ours):.2f}×",
+                f"{median(ours) * 1e3:.0f} ms vs {median(peer) * 1e3:.0f} ms",
             )
         if ours and ours["extra_info"].get("flops"):
             achieved = ours["extra_info"]["flops"] / median(ours)
             peak = ours["extra_info"].get("peak_flops")
-            rows.append(
-                (
-                    f"train step, batch {batch}: model FLOP/s (fastdiff eager)",
-                    f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
-                    f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
-                    "GFLOP per step",
-                )
+            add(
+                f"train step, batch {batch}: model FLOP/s (fastdiff eager)",
+                f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
+                f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
+                "GFLOP per step",
             )
         if ours and comp:
-            rows.append(
-                (
-                    f"train step, batch {batch}: eager / compiled",
-                    f"{median(ours) / median(comp):.2f}×",
-                    f"{median(comp) * 1e3:.0f} ms compiled",
-                )
+            add(
+                f"train step, batch {batch}: eager / compiled",
+                f"{median(ours) / median(comp):.2f}×",
+                f"{median(comp) * 1e3:.0f} ms compiled",
             )
     for sampler, nfe in (("ddpm", 50), ("ddim", 20), ("ddpm", 3), ("ddim", 3)):
         s = get(f"test_sampler[{sampler}-{nfe}]")
         f = get(f"test_bare_forward[{nfe}]")
         if s and f:
             per_image = median(s) / s["extra_info"]["images"]
-            rows.append(
-                (
-                    f"{sampler} NFE {s['extra_info']['nfe']}: sampler / bare forward",
-                    f"{median(s) / median(f):.3f}× (overhead {(median(s) / median(f) - 1):+.1%})",
-                    f"{per_image * 1e3:.1f} ms per image",
-                )
+            add(
+                f"{sampler} NFE {s['extra_info']['nfe']}: sampler / bare forward",
+                f"{median(s) / median(f):.3f}× (overhead {(median(s) / median(f) - 1):+.1%})",
+                f"{per_image * 1e3:.1f} ms per image",
             )
     lp = get("test_hutchinson_loop")
-    for method in ("taylor", "jvp"):
-        vm = get(f"test_hutchinson_vmap[{method}]")
+    for method in ("taylor", "jvp"):  # (test_hutchinson_vmap: the name in older runs)
+        vm = get(f"test_hutchinson_probe[{method}]") or get(f"test_hutchinson_vmap[{method}]")
         if vm and lp:
-            rows.append(
-                (
-                    f"Hutchinson, K={vm['extra_info']['probes']}: loop / vmap {method}",
-                    f"{median(lp) / median(vm):.2f}×",
-                    f"vmap {method} {median(vm):.1f} s, loop {median(lp):.1f} s",
-                )
+            add(
+                f"Hutchinson, K={vm['extra_info']['probes']}: loop / batched probe ({method})",
+                f"{median(lp) / median(vm):.2f}×",
+                f"{method} {median(vm):.1f} s, loop {median(lp):.1f} s",
             )
-    vm = get("test_hutchinson_vmap[taylor]")
+    vm = get("test_hutchinson_probe[taylor]") or get("test_hutchinson_vmap[taylor]")
     step = get("test_fastdiff_train_step[eager-4]")
     if vm and step:
-        rows.append(
-            (
-                "Hutchinson probe cost in training steps (batch 4)",
-                f"{median(vm) / median(step):.0f} steps",
-                "",
-            )
+        add(
+            "Hutchinson probe cost in training steps (batch 4)",
+            f"{median(vm) / median(step):.0f} steps",
+            "",
         )
     for w in (0, 1, 2):
         b = get(f"test_loader_throughput[{w}]")
         if b:
-            rows.append(
-                (
-                    f"shard loader, {w} workers",
-                    f"{b['extra_info']['images'] / median(b):,.0f} images/s",
-                    "",
-                )
+            add(
+                f"shard loader, {w} workers",
+                f"{b['extra_info']['images'] / median(b):,.0f} images/s",
+                "",
             )
     ema, per_tensor = get("test_ema_update[flat]"), get("test_ema_update[per_tensor]")
     if ema and per_tensor:
-        rows.append(
-            (
-                "EMA update: foreach lerp / one lerp over the flat buffer",
-                f"{median(per_tensor) / median(ema):.2f}×",
-                f"{median(ema) * 1e3:.2f} ms flat",
-            )
+        add(
+            "EMA update: foreach lerp / one lerp over the flat buffer",
+            f"{median(per_tensor) / median(ema):.2f}×",
+            f"{median(ema) * 1e3:.2f} ms flat",
         )
     return rows
 

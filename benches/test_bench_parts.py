@@ -96,7 +96,7 @@ def trained_layout(model):
 
 
 @pytest.mark.parametrize("method", ["taylor", "jvp"])
-def test_hutchinson_vmap(benchmark, trained_layout, method):
+def test_hutchinson_probe(benchmark, trained_layout, method):
     """The run's probe, K probes batched: second-order Taylor mode or vmap of jvp of grad."""
     model = trained_layout
     probe, _, _ = _probe_setup(model)
