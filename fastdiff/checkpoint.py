@@ -79,7 +79,13 @@ def load_checkpoint(path: Path, model, ema, optimizer, scaler, cfg, device) -> i
     check_compatible(state["config"], cfg, path)
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError:  # one flat parameter group since the flat buffer (fastdiff.flat)
+        raise ConfigError(
+            f"checkpoint {path} holds optimizer state per tensor, from a fastdiff before the "
+            "flat parameter buffer: it cannot be resumed; evaluate it, or start a new run"
+        ) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if state["step"] >= cfg.train.total_steps:

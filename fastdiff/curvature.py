@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
     )
     model.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
+    if cfg.model.channels_last:  # as trained; the Taylor probe's convolutions prefer it
+        model = model.to(memory_format=torch.channels_last)
     schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
     probes = RunProbes(
         images,

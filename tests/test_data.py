@@ -216,3 +216,27 @@ def test_two_processes_train_from_shards(cifar, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["step"] == 6 and summary["data/skipped"] == 0
+
+
+def test_training_from_shards_resumes_bitwise(cifar, tmp_path):
+    """Stopped at step 3 (mid-epoch, odd: the two workers' turns rotate) and resumed,
+    a run from shards ends with the uninterrupted run's weights, bit for bit."""
+    from fastdiff.config import compose, to_config
+    from fastdiff.trainer import training_loop
+    from tests.conftest import tiny
+    from tests.test_reliability import assert_bitwise, final_state
+
+    _, out, *_ = cifar
+    base = [o for o in tiny(tmp_path) if not o.startswith("data")]
+    base += ["data=cifar10", f"data.path={out}", "data.workers=2", "train.ckpt_every=3"]
+
+    def train(run_dir, steps, *extra):
+        cfg = to_config(
+            compose([*base, f"train.total_steps={steps}", f"train.run_dir={run_dir}", *extra])
+        )
+        return training_loop(cfg)
+
+    train(tmp_path / "straight", 6)
+    train(tmp_path / "stopped", 3)
+    train(tmp_path / "stopped", 6, "train.resume=auto")
+    assert_bitwise(final_state(tmp_path / "straight", 6), final_state(tmp_path / "stopped", 6))

@@ -210,3 +210,14 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
     assert len([r for r in rows(tmp_path / "two") if "train/loss" in r]) == 2  # logged once
+
+
+def test_checkpoint_with_per_tensor_optimizer_state_is_one_clear_error(tmp_path):
+    run(tmp_path / "a", "train.total_steps=3")
+    ckpt = only_run(tmp_path / "a") / "checkpoints" / "step_0000003.pt"
+    state = torch.load(ckpt, weights_only=False)
+    per_tensor = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())  # two groups' worth
+    state["optimizer"] = per_tensor.state_dict()
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match="optimizer state per tensor"):
+        run(tmp_path / "b", f"train.resume={ckpt}")
