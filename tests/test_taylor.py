@@ -7,6 +7,7 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.curvature import CurvatureProbe
+from fastdiff.flat import flatten_
 from fastdiff.taylor import Jet, conv2d, group_norm, linear_layer, silu, softmax, vhv_taylor
 from fastdiff.unet import build_model
 
@@ -108,7 +109,9 @@ def test_unet_vhv_equals_double_backward(channels_last):
 
 
 def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp():
-    model = _model().float()
+    """On the model as the trainer holds it: channels_last, parameters in a flat buffer."""
+    model = _model().float().to(memory_format=torch.channels_last)
+    flatten_(model)
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
     ac = torch.linspace(0.999, 0.01, 1000)
