@@ -1,8 +1,10 @@
 """Hutchinson estimate of the trace of the loss Hessian w.r.t. the parameters.
 
 tr(H) = E_v[vᵀ H v] for Rademacher v (Hutchinson 1989; PyHessian, Yao et al. 2020).
-Each Hessian-vector product is forward-over-reverse, Hv = jvp(∇L, θ; v), and the
-K probes run at once under ``torch.func.vmap`` (``chunk_size`` bounds memory).
+For fastdiff's UNet, vᵀHv comes from second-order Taylor mode (:mod:`fastdiff.taylor`,
+no backward pass); for any other model (or ``curvature.method=jvp``) each
+Hessian-vector product is forward-over-reverse, Hv = jvp(∇L, θ; v), with the K probes
+run at once under ``torch.func.vmap``. ``chunk_size`` probes at a time bound memory.
 
 The measured function is fixed per run: the run's weighted training loss on a
 probe batch (x0, t, noise) drawn once from the run's seed, dropout off, fp32.

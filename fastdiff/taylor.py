@@ -14,8 +14,9 @@ A conv layer costs 4 convolutions per probe (y₁: 2, y₂: 2, as w₂ = 0) wher
 forward-over-reverse (``jvp`` of ``grad``) or PyHessian's double backward cost about
 6, and nothing is kept for a backward pass. The K probes are batched by hand: x₀ has
 the activation's shape and runs once, x₁ and x₂ carry a leading probe dimension
-(K, B, C, H, W) that the rules broadcast against x₀, and the convolutions fold it into
-the batch (x·w₀), the output channels (x₀·w₁) or the groups (x₁·w₁), channels_last.
+(K, B, C, H, W) that the rules broadcast against x₀; convolutions fold it into the
+batch (x·w₀) or the output channels (x₀·w₁), and run x₁·w₁ once per probe, all
+channels_last.
 (``vmap`` would do the same folding but cannot keep channels_last, which is 2-4x
 faster for these convolutions on CPU.)
 
