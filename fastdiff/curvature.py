@@ -51,16 +51,8 @@ def hutchinson_trace(
     ``vhv_fn(params, vs) -> (n,)`` replaces it for a chunk of n stacked probes (e.g.
     :func:`fastdiff.taylor.vhv_taylor`: same values, no backward pass).
     """
-    # Copies: views into a flat parameter buffer (fastdiff.flat) make functorch build
-    # base-sized gradients per view (24 GB for the UNet); 36 MB of copies avoid that.
-    params = {k: p.detach().clone() for k, p in params.items()}
-    grad_fn = grad(loss_fn)
-
-    def vhv(v: dict[str, torch.Tensor]) -> torch.Tensor:
-        hv = jvp(grad_fn, (params,), (v,))[1]
-        return sum((v[k] * hv[k]).sum() for k in v)
-
-    batched = vmap(vhv) if vhv_fn is None else partial(vhv_fn, params)
+    params = {k: p.detach() for k, p in params.items()}
+    batched = _jvp_of_grad(loss_fn, params) if vhv_fn is None else partial(vhv_fn, params)
 
     chunk = chunk_size or probes
     values = []
@@ -75,6 +67,20 @@ def hutchinson_trace(
     values = torch.cat(values)
     std = values.std().item() if probes > 1 else 0.0
     return TraceEstimate(values, values.mean().item(), std, std / probes**0.5)
+
+
+def _jvp_of_grad(loss_fn, params: dict[str, torch.Tensor]):
+    """vs (stacked probes) -> vᵀHv per probe, forward-over-reverse under vmap."""
+    # Copies: views into a flat parameter buffer (fastdiff.flat) make functorch build
+    # base-sized gradients per view (24 GB for the UNet); 36 MB of copies avoid that.
+    params = {k: p.clone() for k, p in params.items()}
+    grad_fn = grad(loss_fn)
+
+    def vhv(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        hv = jvp(grad_fn, (params,), (v,))[1]
+        return sum((v[k] * hv[k]).sum() for k in v)
+
+    return vmap(vhv)
 
 
 _BITS = {}

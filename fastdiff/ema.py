@@ -27,7 +27,6 @@ class EMA:
             self._flat = flatten_(self.model, grads=False).detach()
             if self._flat.shape != flat.shape:
                 raise ValueError("EMA: the flat buffer does not match the model's layout")
-            self.model.requires_grad_(False)
         self._params = list(self.model.parameters())
 
     @torch.no_grad()

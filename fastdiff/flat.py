@@ -20,9 +20,11 @@ from torch import nn
 ALIGN = 16  # elements: every view starts on a 64-byte boundary (fp32)
 
 
-def _dense_strides(p: torch.Tensor) -> bool:
-    return p.is_contiguous() or (
-        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+def dense_layout(t: torch.Tensor) -> bool:
+    """Contiguous or channels_last: the elements fill one dense block in some order, so
+    a flat buffer of ``numel`` elements can hold ``t`` with ``t``'s own strides."""
+    return t.is_contiguous() or (
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
     )
 
 
@@ -44,7 +46,7 @@ def flatten_(model: nn.Module, grads: bool = True) -> nn.Parameter:
         )
     offsets, total = [], 0
     for p in params:
-        if not _dense_strides(p):
+        if not dense_layout(p):
             raise ValueError(
                 f"flatten_: a parameter of shape {tuple(p.shape)} has strides {p.stride()}: "
                 "only contiguous or channels_last parameters can be flattened"

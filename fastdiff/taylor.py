@@ -117,7 +117,10 @@ def conv2d(x: Jet, w: Jet, b: Jet, stride, padding) -> Jet:
             term = conv(x.c1[k], per_probe[k])
             if y2 is None:
                 y2 = _empty((K,), *term.shape, like=term)
-            y2[k].add_(term) if x.c2 is not None else y2[k].copy_(term)
+            if x.c2 is None:
+                y2[k].copy_(term)
+            else:
+                y2[k].add_(term)
     y1 = _accumulate(y1, _per_probe(conv(x.c0, w1, b.c1.flatten()), K))  # + x₀·w₁ + b₁
     return Jet(conv(x.c0, w0, b.c0), y1, y2)
 
@@ -137,15 +140,6 @@ def linear_layer(x: Jet, w: Jet, b: Jet) -> Jet:
 
 def add(a: Jet, b: Jet) -> Jet:
     return Jet(a.c0 + b.c0, _add(a.c1, b.c1), _add(a.c2, b.c2))
-
-
-def square(x: Jet) -> Jet:
-    """x², the symmetric case of the product rule: (x₀², 2x₀x₁, 2x₀x₂ + x₁²)."""
-    c1 = None if x.c1 is None else 2 * x.c0 * x.c1
-    c2 = None if x.c2 is None else 2 * x.c0 * x.c2
-    if x.c1 is not None:
-        c2 = x.c1.square() if c2 is None else torch.addcmul(c2, x.c1, x.c1)
-    return Jet(x.c0.square(), c1, c2)
 
 
 def elementwise(x: Jet, f: torch.Tensor, df: torch.Tensor, half_d2f: torch.Tensor) -> Jet:
@@ -320,7 +314,10 @@ def _cat(a: Jet, b: Jet) -> Jet:
         ca = x0.shape[-3]
         out = _empty(lead, ca + y0.shape[-3], *x0.shape[-2:], x0)
         for part, c in ((out[..., :ca, :, :], x), (out[..., ca:, :, :], y)):
-            part.zero_() if c is None else part.copy_(c)
+            if c is None:
+                part.zero_()
+            else:
+                part.copy_(c)
         return out
 
     return Jet(torch.cat([a.c0, b.c0], 1), cat(a.c1, b.c1, a.c0, b.c0), cat(a.c2, b.c2, a.c0, b.c0))

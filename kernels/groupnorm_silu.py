@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from fastdiff.kernels import use_triton
 
+from fastdiff.flat import dense_layout
+
 
 @triton.jit
 def _plane(w_ptr, bias_ptr, mean_ptr, rstd_ptr, C, CPG, stride_b, stride_c):
@@ -181,9 +183,7 @@ def _launch_config(HW: int) -> dict:
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    return x.contiguous()
+    return x if dense_layout(x) else x.contiguous()
 
 
 def group_norm_silu_fwd_triton(x, weight, bias, groups: int, eps: float):

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,3 +33,18 @@ def tiny(tmp_path, *extra: str) -> list[str]:
         f"train.runs_root={tmp_path}",
         *extra,
     ]
+
+
+def train_cli(
+    *overrides: str, processes: int = 1, port: int = 29517, threads: int | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m fastdiff.train OVERRIDES`` in a subprocess (under torchrun for several
+    processes, one thread each unless told); the run must exit 0."""
+    launcher = ["torch.distributed.run", "--nproc_per_node", str(processes)]
+    launcher += ["--master_port", str(port), "-m"]
+    cmd = [sys.executable, "-m", *(launcher if processes > 1 else []), "fastdiff.train"]
+    threads = threads or (1 if processes > 1 else None)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

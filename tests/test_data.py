@@ -200,20 +200,13 @@ def test_training_from_shards(cifar, tmp_path):
 def test_two_processes_train_from_shards(cifar, tmp_path):
     """A real 2-process CPU launch (torchrun) streams from shards to the end, no hang."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import tiny
+    from tests.conftest import tiny, train_cli
 
     _, out, *_ = cifar
     overrides = [o for o in tiny(tmp_path) if not o.startswith(("data", "train.runs"))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", "29523", "-m", "fastdiff.train", *overrides]
-    cmd += ["data=cifar10", f"data.path={out}", "data.workers=1", f"train.run_dir={tmp_path / 'r'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    overrides += ["data=cifar10", f"data.path={out}", "data.workers=1"]
+    train_cli(*overrides, f"train.run_dir={tmp_path / 'r'}", processes=2, port=29523)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["step"] == 6 and summary["data/skipped"] == 0
 

@@ -2,7 +2,6 @@
 checkpoints, and several processes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import fastdiff.rundir as rundir
 import fastdiff.trainer as trainer_mod
 from fastdiff.config import ConfigError, compose, to_config
 from fastdiff.trainer import EXIT_PREEMPTED, Diverged, training_loop
-from tests.conftest import tiny
+from tests.conftest import tiny, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,16 +107,8 @@ def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["preempted"] and 0 < summary["step"] < 120
     assert (tmp_path / "stopped" / "checkpoints" / f"step_{summary['step']:07d}.pt").exists()
-    resumed = subprocess.run(
-        [*cmd, f"train.run_dir={tmp_path / 'stopped'}", "train.resume=auto"],
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    straight = subprocess.run(
-        [*cmd, f"train.run_dir={tmp_path / 'straight'}"], capture_output=True, text=True
-    )
-    assert straight.returncode == 0
+    train_cli(*base, f"train.run_dir={tmp_path / 'stopped'}", "train.resume=auto")
+    train_cli(*base, f"train.run_dir={tmp_path / 'straight'}")
     assert_bitwise(final_state(tmp_path / "stopped", 120), final_state(tmp_path / "straight", 120))
 
 
@@ -167,43 +158,8 @@ def test_checkpoint_from_another_model_is_one_clear_error(tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [o for o in tiny(tmp_path) if not o.startswith(("train.batch_size", "train.runs"))]
     common += ["model.dropout=0", "train.total_steps=4", "train.ckpt_every=4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "fastdiff.train",
-            *common,
-            "train.batch_size=2",
-            f"train.run_dir={tmp_path / 'two'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastdiff.train",
-            *common,
-            "train.batch_size=4",
-            f"train.run_dir={tmp_path / 'one'}",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    train_cli(*common, "train.batch_size=2", f"train.run_dir={tmp_path / 'two'}", processes=2)
+    train_cli(*common, "train.batch_size=4", f"train.run_dir={tmp_path / 'one'}", threads=1)
     a, b = final_state(tmp_path / "two", 4), final_state(tmp_path / "one", 4)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
