@@ -1,10 +1,10 @@
 """Hutchinson estimate of the trace of the loss Hessian w.r.t. the parameters.
 
 tr(H) = E_v[vᵀ H v] for Rademacher v (Hutchinson 1989; PyHessian, Yao et al. 2020).
-For fastdiff's UNet, vᵀHv comes from second-order Taylor mode (:mod:`fastdiff.taylor`,
-no backward pass); for any other model (or ``curvature.method=jvp``) each
-Hessian-vector product is forward-over-reverse, Hv = jvp(∇L, θ; v), with the K probes
-run at once under ``torch.func.vmap``. ``chunk_size`` probes at a time bound memory.
+The K probes run at once under ``torch.func.vmap``, ``chunk_size`` at a time to bound
+memory. For fastdiff's UNet, vᵀHv comes from second-order Taylor mode
+(:mod:`fastdiff.taylor`, no backward pass); for any other model (or
+``curvature.method=jvp``) from forward-over-reverse, Hv = jvp(∇L, θ; v).
 
 The measured function is fixed per run: the run's weighted training loss on a
 probe batch (x0, t, noise) drawn once from the run's seed, dropout off, fp32.
@@ -47,12 +47,13 @@ def hutchinson_trace(
     """vᵀHv for ``probes`` Rademacher vectors v, batched with vmap.
 
     ``loss_fn(params) -> scalar``; ``params`` a dict of tensors (not modified). By
-    default vᵀHv is forward-over-reverse (``jvp`` of ``grad``) under ``vmap``;
-    ``vhv_fn(params, vs) -> (n,)`` replaces it for a chunk of n stacked probes (e.g.
-    :func:`fastdiff.taylor.vhv_taylor`: same values, no backward pass).
+    default vᵀHv is forward-over-reverse (``jvp`` of ``grad``); ``vhv_fn(params, v) ->
+    scalar`` replaces it for one probe (e.g. :func:`fastdiff.taylor.vhv_taylor`: same
+    values, no backward pass).
     """
     params = {k: p.detach() for k, p in params.items()}
-    batched = _jvp_of_grad(loss_fn, params) if vhv_fn is None else partial(vhv_fn, params)
+    one = _jvp_of_grad(loss_fn, params) if vhv_fn is None else partial(vhv_fn, params)
+    batched = vmap(one)
 
     chunk = chunk_size or probes
     values = []
@@ -70,7 +71,7 @@ def hutchinson_trace(
 
 
 def _jvp_of_grad(loss_fn, params: dict[str, torch.Tensor]):
-    """vs (stacked probes) -> vᵀHv per probe, forward-over-reverse under vmap."""
+    """v -> vᵀHv, forward-over-reverse."""
     # Copies: views into a flat parameter buffer (fastdiff.flat) make functorch build
     # base-sized gradients per view (24 GB for the UNet); 36 MB of copies avoid that.
     params = {k: p.clone() for k, p in params.items()}
@@ -80,7 +81,7 @@ def _jvp_of_grad(loss_fn, params: dict[str, torch.Tensor]):
         hv = jvp(grad_fn, (params,), (v,))[1]
         return sum((v[k] * hv[k]).sum() for k in v)
 
-    return vmap(vhv)
+    return vhv
 
 
 _BITS = {}

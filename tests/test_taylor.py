@@ -3,43 +3,47 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import jvp
+from torch.func import jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.curvature import CurvatureProbe
 from fastdiff.flat import flatten_
-from fastdiff.taylor import Jet, conv2d, group_norm, linear_layer, silu, softmax, vhv_taylor
+from fastdiff.taylor import (
+    Jet,
+    conv2d,
+    group_norm,
+    linear_layer,
+    probe_conv,
+    silu,
+    softmax,
+    unet_jet,
+    vhv_taylor,
+)
 from fastdiff.unet import build_model
 
 D = {"dtype": torch.float64}  # the rules are exact: compare in float64 to 1e-9
 
 
-K = 2  # probes: tangents carry a leading probe dimension
+K = 2  # probes, for the tests that batch them
 
 
 def series(f, *jets):
-    """(y₀, y₁, y₂) of y(ε) = f(x(ε)) for x(ε) = c0 + ε c1 + ε² c2, by nested jvp in ε,
-    probe by probe (c1, c2 stacked over K)."""
+    """(y₀, y₁, y₂) of y(ε) = f(x(ε)) for x(ε) = c0 + ε c1 + ε² c2, by nested jvp in ε."""
 
-    def one(k):
-        def y(eps):
-            return f(*(j.c0 + eps * j.c1[k] + eps**2 * j.c2[k] for j in jets))
+    def y(eps):
+        return f(*(j.c0 + eps * j.c1 + eps**2 * j.c2 for j in jets))
 
-        def dy(eps):
-            return jvp(y, (eps,), (torch.ones((), **D),))[1]
+    def dy(eps):
+        return jvp(y, (eps,), (torch.ones((), **D),))[1]
 
-        zero = torch.zeros((), **D)
-        return dy(zero), jvp(dy, (zero,), (torch.ones((), **D),))[1] / 2
-
-    y0 = f(*(j.c0 for j in jets))
-    y1, y2 = zip(*(one(k) for k in range(K)))
-    return y0, torch.stack(y1), torch.stack(y2)
+    zero = torch.zeros((), **D)
+    return f(*(j.c0 for j in jets)), dy(zero), jvp(dy, (zero,), (torch.ones((), **D),))[1] / 2
 
 
 def rand_jet(*shape, moving=True):
-    """A jet with K tangents; a parameter (moving linearly, θ + εv) has c2 = 0."""
-    c2 = torch.randn(K, *shape, **D) if moving else torch.zeros(K, *shape, **D)
-    return Jet(torch.randn(shape, **D), torch.randn(K, *shape, **D), c2)
+    """A random jet; a parameter (moving linearly, θ + εv) has c2 = 0."""
+    c2 = torch.randn(shape, **D) if moving else torch.zeros(shape, **D)
+    return Jet(torch.randn(shape, **D), torch.randn(shape, **D), c2)
 
 
 def check(got: Jet, want):
@@ -70,6 +74,41 @@ def test_conv_and_linear_rules():
     check(conv2d(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1), 2, 1), want)
     x, w, b = rand_jet(5, 3), rand_jet(4, 3, moving=False), rand_jet(4, moving=False)
     check(linear_layer(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1)), series(F.linear, x, w, b))
+
+
+@pytest.mark.parametrize("x_varies", [True, False])
+def test_probe_conv_batches_per_probe_into_a_foldable_layout(x_varies):
+    """Under vmap, probe k's input meets probe k's weights, and the result folds into the
+    batch as a channels_last view (the layout the next convolution wants)."""
+    torch.manual_seed(6)
+    x = torch.randn(3, 2, 4, 5, 5, **D) if x_varies else torch.randn(2, 4, 5, 5, **D)
+    w = torch.randn(3, 6, 4, 3, 3, **D)
+    out = vmap(lambda a, k: probe_conv(a, k, [1, 1], [1, 1]), in_dims=(0 if x_varies else None, 0))(
+        x, w
+    )
+    for k in range(3):
+        want = F.conv2d(x[k] if x_varies else x, w[k], None, 1, 1)
+        torch.testing.assert_close(out[k], want, rtol=1e-12, atol=1e-12)
+    assert out.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    assert out.flatten(0, 1).data_ptr() == out.data_ptr()
+
+
+def test_rules_batched_with_vmap_equal_probe_by_probe():
+    """The batching of every rule (cat, convolutions, GroupNorm, attention's matmuls):
+    one probe at a time vs K under vmap, through the tiny UNet."""
+    model = _model()
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    vs = {k: torch.randn(K, *p.shape, generator=g, **D) for k, p in params.items()}
+    x, t = torch.randn(2, 3, 8, 8, generator=g, **D), torch.tensor([3, 900])
+
+    def out(v):
+        return tuple(unet_jet(model, {k: Jet(p, v[k]) for k, p in params.items()}, x, t))
+
+    batched = vmap(out)(vs)
+    for i in range(K):
+        for got, want in zip(batched, out({k: v[i] for k, v in vs.items()}), strict=True):
+            torch.testing.assert_close(got if got.dim() == want.dim() else got[i], want)
 
 
 def _model():
@@ -104,7 +143,8 @@ def test_unet_vhv_equals_double_backward(channels_last):
         hv = torch.autograd.grad(dot, list(params.values()), retain_graph=True)
         expected.append(sum((h * vs[k][i]).sum() for h, k in zip(hv, params)))
 
-    got = vhv_taylor(model, {k: p.detach() for k, p in params.items()}, vs, x_t, t, noise, weight)
+    detached = {k: p.detach() for k, p in params.items()}
+    got = vmap(lambda v: vhv_taylor(model, detached, v, x_t, t, noise, weight))(vs)
     torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-8, atol=1e-8)
 
 
