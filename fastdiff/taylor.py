@@ -258,7 +258,7 @@ class _Walker:
             return self(module[1], x) if len(module) > 1 else x
         if isinstance(module, ResBlock):
             h = self(module.conv1, self(module.norm1, x))
-            t = linear(lambda c: c[..., None, None], self(module.temb_proj, silu(temb)))
+            t = linear(lambda c: c[..., None, None], self(module.temb_proj, temb))
             h = self(module.conv2, self(module.norm2, add(h, t)))
             return add(self(module.skip, x), h)
         if isinstance(module, Attention):
@@ -280,7 +280,7 @@ class _Walker:
 def unet_jet(model: UNet, params: dict[str, Jet], x: torch.Tensor, t: torch.Tensor) -> Jet:
     """The model's output as a jet in the direction of the parameters' c1."""
     walk = _Walker(model, params)
-    temb = walk(model.temb, Jet(timestep_embedding(t, model.base_channels).to(x.dtype)))
+    temb = silu(walk(model.temb, Jet(timestep_embedding(t, model.base_channels).to(x.dtype))))
     h = walk(model.conv_in, Jet(x))
     hs = [h]
     for layer in model.down:

@@ -113,8 +113,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``temb``: the activated time embedding, SiLU(MLP(t)), shared by every block."""
         h = self.conv1(self.norm1(x))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = h + self.temb_proj(temb)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2(h)))
         return self.skip(x) + h
 
@@ -230,7 +231,8 @@ class UNet(nn.Module):
         return layer(h)  # down/upsampling
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.base_channels).to(x.dtype))  # (B, 4ch)
+        # (B, 4ch); the SiLU before each block's projection, computed once for all 22
+        temb = F.silu(self.temb(timestep_embedding(t, self.base_channels).to(x.dtype)))
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
