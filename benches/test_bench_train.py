@@ -7,6 +7,7 @@ import torch
 
 from benches._setup import BATCHES, DEVICE, MODEL, SMOKE, peer_unet, sync, trainer_overrides
 from fastdiff.config import compose, to_config
+from fastdiff.hostmem import applied, reuse_freed_memory
 from fastdiff.trainer import Trainer
 from fastdiff.unet import build_model
 
@@ -24,33 +25,7 @@ def make_trainer(tmp_path, batch, compile_):
     return Trainer(cfg)
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_fastdiff_train_step(benchmark, tmp_path, batch, mode):
-    if mode == "compiled" and not COMPILE:
-        pytest.skip("compiled step on CPU takes minutes to compile: FASTDIFF_BENCH_COMPILE=1")
-    trainer = make_trainer(tmp_path, batch, mode == "compiled")
-    counter = iter(range(10**9))
-
-    def step():
-        trainer.train_step(next(counter))
-        sync()
-
-    step()  # warm-up (covers compilation)
-    benchmark.extra_info.update(
-        params=trainer.n_params,
-        batch=batch,
-        mode=mode,
-        flops=trainer.step_flops,
-        peak_flops=trainer.peak_flops,
-    )
-    benchmark.pedantic(
-        step, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1
-    )
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-def test_diffusers_train_step(benchmark, batch):
+def diffusers_step(benchmark, batch, allocator: str):
     """The diffusers train_unconditional example's step: add_noise, UNet2DModel, mse_loss,
     accelerator.backward, clip, Adam, EMAModel.step."""
     from accelerate import Accelerator
@@ -84,7 +59,52 @@ def test_diffusers_train_step(benchmark, batch):
         sync()
 
     step()
-    benchmark.extra_info.update(params=theirs, batch=batch, mode="diffusers")
+    benchmark.extra_info.update(params=theirs, batch=batch, mode="diffusers", allocator=allocator)
     benchmark.pedantic(
         step, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1
     )
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_diffusers_train_step(benchmark, batch):
+    """The peer as its users run it: glibc's default allocator. Runs before any fastdiff
+    Trainer in this file, since the Trainer's allocator setting lasts for the process."""
+    if applied() and not SMOKE:
+        pytest.fail(
+            "fastdiff.hostmem is already in effect in this process: run this bench first "
+            "(pytest benches -p no:randomly) or on its own"
+        )
+    diffusers_step(benchmark, batch, "default")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_fastdiff_train_step(benchmark, tmp_path, batch, mode):
+    if mode == "compiled" and not COMPILE:
+        pytest.skip("compiled step on CPU takes minutes to compile: FASTDIFF_BENCH_COMPILE=1")
+    trainer = make_trainer(tmp_path, batch, mode == "compiled")
+    counter = iter(range(10**9))
+
+    def step():
+        trainer.train_step(next(counter))
+        sync()
+
+    step()  # warm-up (covers compilation)
+    benchmark.extra_info.update(
+        params=trainer.n_params,
+        batch=batch,
+        mode=mode,
+        flops=trainer.step_flops,
+        peak_flops=trainer.peak_flops,
+    )
+    benchmark.pedantic(
+        step, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1
+    )
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_diffusers_train_step_reusing_memory(benchmark, batch):
+    """The peer with fastdiff's allocator setting (fastdiff.hostmem): how much of the
+    difference is the step itself."""
+    reuse_freed_memory()
+    diffusers_step(benchmark, batch, "reuse")

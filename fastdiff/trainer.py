@@ -32,6 +32,7 @@ from fastdiff.ema import EMA
 from fastdiff.fid import FIDEvaluator, build_evaluator, generate, shard_of
 from fastdiff.flat import backs, flatten_
 from fastdiff.flops import peak_flops, train_step_flops
+from fastdiff.hostmem import reuse_freed_memory
 from fastdiff.kernels import weighted_mse
 from fastdiff.rundir import (
     MetricsLog,
@@ -129,6 +130,8 @@ class Trainer:
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
         self.device = self.acc.device
+        if self.device.type == "cpu" and cfg.train.reuse_host_memory:
+            reuse_freed_memory()
         torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
 
         # Data first: a missing or unreadable data set fails before anything is written.

@@ -1,0 +1,53 @@
+"""Host memory reuse: glibc keeps freed blocks instead of unmapping them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastdiff.config import compose, to_config
+from tests.conftest import tiny
+
+# Allocate and touch 256 MB, free it, allocate it again: resident memory (MB) after each.
+SCRIPT = """
+import os, sys, torch
+from fastdiff.hostmem import reuse_freed_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory() and reuse_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * page / 2**20
+x = torch.ones(64 * 2**20)
+touched = rss()
+del x
+freed = rss()
+y = torch.ones(64 * 2**20)
+print(touched, freed, rss())
+"""
+
+
+def rss_after(mode: str) -> tuple[float, float, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    return tuple(map(float, out.stdout.split()))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_kept_and_reused_only_when_asked():
+    touched, freed, again = rss_after("default")
+    assert touched - freed > 200  # glibc unmapped the 256 MB block on free
+    touched, freed, again = rss_after("reuse")
+    assert touched - freed < 16  # kept...
+    assert again - freed < 16  # ...and the second tensor lives in it
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_trainer_reuses_host_memory_on_cpu_unless_told_not_to(tmp_path, monkeypatch, enabled):
+    import fastdiff.trainer
+
+    calls = []
+    monkeypatch.setattr(fastdiff.trainer, "reuse_freed_memory", lambda: calls.append(1))
+    cfg = to_config(compose(tiny(tmp_path, f"train.reuse_host_memory={str(enabled).lower()}")))
+    fastdiff.trainer.Trainer(cfg)
+    assert calls == ([1] if enabled else [])
