@@ -7,7 +7,6 @@ import torch
 
 from benches._setup import BATCHES, DEVICE, MODEL, SMOKE, peer_unet, sync, trainer_overrides
 from fastdiff.config import compose, to_config
-from fastdiff.hostmem import applied, reuse_freed_memory
 from fastdiff.trainer import Trainer
 from fastdiff.unet import build_model
 
@@ -67,13 +66,8 @@ def diffusers_step(benchmark, batch, allocator: str):
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_diffusers_train_step(benchmark, batch):
-    """The peer as its users run it: glibc's default allocator. Runs before any fastdiff
-    Trainer in this file, since the Trainer's allocator setting lasts for the process."""
-    if applied() and not SMOKE:
-        pytest.fail(
-            "fastdiff.hostmem is already in effect in this process: run this bench first "
-            "(pytest benches -p no:randomly) or on its own"
-        )
+    """The peer as its users run it, with glibc's default allocator: benches/conftest.py
+    runs it first in the session, before anything applies fastdiff.hostmem."""
     diffusers_step(benchmark, batch, "default")
 
 
@@ -104,7 +98,6 @@ def test_fastdiff_train_step(benchmark, tmp_path, batch, mode):
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_diffusers_train_step_reusing_memory(benchmark, batch):
-    """The peer with fastdiff's allocator setting (fastdiff.hostmem): how much of the
-    difference is the step itself."""
-    reuse_freed_memory()
+    """The peer with fastdiff's allocator setting (fastdiff.hostmem, applied by
+    benches/conftest.py): how much of the difference is the step itself."""
     diffusers_step(benchmark, batch, "reuse")
