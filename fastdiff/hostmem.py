@@ -9,8 +9,11 @@ against 5.2 s (1.65x) once freed memory is reused. At batch 4 (1 MB activations,
 the threshold) it makes no measurable difference.
 
 :func:`reuse_freed_memory` tells glibc to serve every request from its heap and never
-trim it: freed blocks are reused by the next step. The price is that the process
-keeps its peak footprint until it exits.
+trim it: freed blocks are reused by the next step. The price is memory: the process
+keeps its peak footprint until it exits, and the heap fragments (large aligned blocks
+do not always fit back into the holes they left). Measured: training at batch 128
+holds 4.8 GB from the second step on, flat; DDIM sampling at batch 256 (1.5x faster)
+holds 2.0 GB where it held 0.6 GB. ``train.reuse_host_memory=false`` turns it off.
 """
 
 from __future__ import annotations
