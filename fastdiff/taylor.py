@@ -109,12 +109,12 @@ def probe_conv(
 
 
 @probe_conv.register_vmap
-def _(info, in_dims, x, w, stride, padding):
+def _probe_conv_batched(info, in_dims, x, w, stride, padding):
     """Probe k's activations meet probe k's weights: one convolution per probe, written
     into a channels_last-per-image (K, B, C, H, W) buffer that folds back into the
     batch as a view. vmap's own rule (one grouped convolution) moves x to (B, K·C, H, W)
-    and returns (K, B, C, H, W) strided across probes: two copies per layer, ~15% of
-    the probe."""
+    and returns (K, B, C, H, W) strided across probes: two copies per layer, which
+    made the whole probe ~8% slower (measured on unet_cifar32, 8 probes)."""
     K = info.batch_size
     x = x.expand(K, *x.shape) if in_dims[0] is None else x.movedim(in_dims[0], 0)
     w = w.expand(K, *w.shape) if in_dims[1] is None else w.movedim(in_dims[1], 0)
