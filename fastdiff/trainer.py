@@ -179,6 +179,7 @@ class Trainer:
         # The model is on self.device already: accelerate's own .to("cpu:0") would copy
         # every parameter out of the flat buffer.
         self.model = self.acc.prepare_model(model, device_placement=False)
+        self.module = model  # unwrapped, once: unwrap_model walks every module per call
         self.opt = self.acc.prepare_optimizer(opt)
         if not backs(self.flat, model):
             raise RuntimeError("the model's parameters left the flat buffer during prepare")
@@ -205,7 +206,7 @@ class Trainer:
         if resume is not None:
             self.start_step = load_checkpoint(
                 resume,
-                self.acc.unwrap_model(self.model),
+                self.module,
                 self.ema,
                 self.opt,
                 self.acc.scaler,
@@ -297,15 +298,33 @@ class Trainer:
             per_sample = self.loss(x0, t, noise)
         loss = per_sample.mean()
         self.acc.backward(loss)
-        grad_norm = self.acc.clip_grad_norm_([self.flat], cfg.train.grad_clip or float("inf"))
+        grad_norm = self._clip(cfg.train.grad_clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         if self.acc.scaler is None:  # fused Adam skips the update where found_inf is 1
             self.opt.optimizer.found_inf = (~finite).float()
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)  # the model's .grad are views of flat.grad
-        self.ema.update(self.acc.unwrap_model(self.model))
+        self.ema.update(self.module)
         mse = (per_sample.detach() / self.weights[t]).mean()
         return loss.detach(), mse, grad_norm.detach().float(), finite
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """The gradient's global norm (before clipping), and clipping to ``max_norm``
+        (0: none). Without a loss scaler the clip coefficient goes to fused Adam as its
+        ``grad_scale`` (Adam divides each gradient by it as it reads it): one pass over
+        the 9M gradients fewer, and the norm is a BLAS dot product (half the time of
+        ``vector_norm`` here). Measured in the step: ~4 ms of foreach norm and multiply."""
+        grad = self.flat.grad
+        if self.acc.scaler is not None:  # fp16: clip the true gradient
+            self.acc.unscale_gradients()
+        norm = torch.linalg.vecdot(grad, grad).sqrt()
+        if max_norm:
+            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            if self.acc.scaler is None:
+                self.opt.optimizer.grad_scale = coef.reciprocal()
+            else:
+                grad.mul_(coef)
+        return norm
 
     # ------------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -570,7 +589,7 @@ class Trainer:
 
     def _probe_curvature(self, step: int) -> None:
         if self.acc.is_main_process:  # one probe per run: it is a property of the weights
-            self.metrics.log(step, self.probe(self.acc.unwrap_model(self.model)))
+            self.metrics.log(step, self.probe(self.module))
         self.acc.wait_for_everyone()
 
     def _save_grid(self, step: int) -> None:
@@ -604,7 +623,7 @@ class Trainer:
             save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:07d}.pt",
                 step,
-                self.acc.unwrap_model(self.model),
+                self.module,
                 self.ema,
                 self.opt,
                 self.acc.scaler,
