@@ -31,22 +31,21 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
 
     for batch in (4, 128, 2):
         ours = get(f"test_fastdiff_train_step[eager-{batch}]")
-        peer = get(f"test_diffusers_train_step[{batch}]")
         comp = get(f"test_fastdiff_train_step[compiled-{batch}]")
-        if ours and peer:
-            add(
-                f"train step, batch {batch}: diffusers (as its users run it) / fastdiff eager",
-                f"{median(peer) / median(ours):.2f}×",
-                f"{median(ours) * 1e3:.0f} ms vs {median(peer) * 1e3:.0f} ms",
-            )
-        same = get(f"test_diffusers_train_step_reusing_memory[{batch}]")
-        if ours and same:
-            add(
-                f"train step, batch {batch}: diffusers with fastdiff's allocator setting / "
-                "fastdiff eager",
-                f"{median(same) / median(ours):.2f}×",
-                f"{median(ours) * 1e3:.0f} ms vs {median(same) * 1e3:.0f} ms",
-            )
+        for peer, how in (
+            ("test_diffusers_train_step", "diffusers (as its users run it)"),
+            (
+                "test_diffusers_train_step_reusing_memory",
+                "diffusers with fastdiff's allocator setting",
+            ),
+        ):
+            theirs = get(f"{peer}[{batch}]")
+            if ours and theirs:
+                add(
+                    f"train step, batch {batch}: {how} / fastdiff eager",
+                    f"{median(theirs) / median(ours):.2f}×",
+                    f"{median(ours) * 1e3:.0f} ms vs {median(theirs) * 1e3:.0f} ms",
+                )
         if ours and ours["extra_info"].get("flops"):
             achieved = ours["extra_info"]["flops"] / median(ours)
             peak = ours["extra_info"].get("peak_flops")
@@ -73,15 +72,15 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                 f"{per_image * 1e3:.1f} ms per image",
             )
     lp = get("test_hutchinson_loop")
-    for method in ("taylor", "jvp"):  # (test_hutchinson_vmap: the name in older runs)
-        vm = get(f"test_hutchinson_probe[{method}]") or get(f"test_hutchinson_vmap[{method}]")
+    for method in ("taylor", "jvp"):
+        vm = get(f"test_hutchinson_probe[{method}]")
         if vm and lp:
             add(
                 f"Hutchinson, K={vm['extra_info']['probes']}: loop / batched probe ({method})",
                 f"{median(lp) / median(vm):.2f}×",
                 f"{method} {median(vm):.1f} s, loop {median(lp):.1f} s",
             )
-    vm = get("test_hutchinson_probe[taylor]") or get("test_hutchinson_vmap[taylor]")
+    vm = get("test_hutchinson_probe[taylor]")
     step = get("test_fastdiff_train_step[eager-4]")
     if vm and step:
         add(

@@ -107,15 +107,16 @@ def _signs_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _stacked(p: torch.Tensor, n: int) -> torch.Tensor:
     """An empty (n, *p.shape) buffer; each p-shaped slice has p's memory format."""
-    if (
+    cl = (
         p.dim() == 4
         and not p.is_contiguous()
         and p.is_contiguous(memory_format=torch.channels_last)
-    ):
-        O, I, kh, kw = p.shape  # channels_last: (n·O, kh, kw, I) in memory
-        flat = torch.empty(n * O, kh, kw, I, dtype=p.dtype, device=p.device)
-        return flat.permute(0, 3, 1, 2).unflatten(0, (n, O))
-    return torch.empty(n, *p.shape, dtype=p.dtype, device=p.device)
+    )
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    out = torch.empty(
+        n * p.shape[0], *p.shape[1:], dtype=p.dtype, device=p.device, memory_format=fmt
+    )
+    return out.unflatten(0, (n, p.shape[0]))
 
 
 def probe_batch(

@@ -72,22 +72,39 @@ def bilinear(f: Callable, x: Jet, w: Jet) -> Jet:
     )
 
 
+def _layer(f: Callable, x: Jet, w: Jet, b: Jet, both: Callable | None = None, settle=None) -> Jet:
+    """f(x, w) + b for a layer whose parameters move linearly (w₂ = b₂ = 0), biases
+    inside ``f``. ``both(x₁, w₁)`` computes the term where both sides vary with the
+    probe (default ``f``); ``settle`` lays out c₁ when it is x₀·w₁ alone."""
+    both = both or f
+    c1 = f(x.c0, w.c1, b.c1)
+    c2 = None
+    if x.c1 is None:
+        c1 = settle(c1) if settle else c1
+    else:
+        c1 = f(x.c1, w.c0).add_(c1)
+        c2 = both(x.c1, w.c1)
+    if x.c2 is not None:
+        c2 = f(x.c2, w.c0) if c2 is None else f(x.c2, w.c0).add_(c2)
+    return Jet(f(x.c0, w.c0, b.c0), c1, c2)
+
+
 def conv2d(x: Jet, w: Jet, b: Jet, stride, padding) -> Jet:
-    """conv(x, w) + b with the biases inside the convolutions (w₂ = b₂ = 0)."""
+    """conv(x, w) + b. Under vmap x₀·w₁ comes out as (B, K·C, H, W), strided across
+    probes: settled channels_last when it stands alone."""
 
     def conv(a, weight, bias=None):
         return F.conv2d(a, weight, bias, stride, padding)
 
-    c1 = conv(x.c0, w.c1, b.c1)  # under vmap: (B, K·C, H, W), strided across probes
-    c2 = None
-    if x.c1 is None:
-        c1 = _channels_last(c1)
-    else:
-        c1 = conv(x.c1, w.c0).add_(c1)
-        c2 = probe_conv(x.c1, w.c1, _pair(stride), _pair(padding))
-    if x.c2 is not None:
-        c2 = conv(x.c2, w.c0) if c2 is None else conv(x.c2, w.c0).add_(c2)
-    return Jet(conv(x.c0, w.c0, b.c0), c1, c2)
+    def both(a, weight):
+        return probe_conv(a, weight, _pair(stride), _pair(padding))
+
+    return _layer(conv, x, w, b, both, _channels_last)
+
+
+def linear_layer(x: Jet, w: Jet, b: Jet) -> Jet:
+    """x·wᵀ + b."""
+    return _layer(F.linear, x, w, b)
 
 
 def _pair(v: int | tuple[int, ...]) -> list[int]:
@@ -126,18 +143,6 @@ def _probe_conv_batched(info, in_dims, x, w, stride, padding):
             out = torch.empty(K, B, H, W, C, dtype=y.dtype, device=y.device).movedim(-1, -3)
         out[k].copy_(y)
     return out, 0
-
-
-def linear_layer(x: Jet, w: Jet, b: Jet) -> Jet:
-    """x·wᵀ + b (w₂ = b₂ = 0)."""
-    c1 = F.linear(x.c0, w.c1, b.c1)
-    c2 = None
-    if x.c1 is not None:
-        c1 = c1 + F.linear(x.c1, w.c0)
-        c2 = F.linear(x.c1, w.c1)
-    if x.c2 is not None:
-        c2 = _add(c2, F.linear(x.c2, w.c0))
-    return Jet(F.linear(x.c0, w.c0, b.c0), c1, c2)
 
 
 def add(a: Jet, b: Jet) -> Jet:
