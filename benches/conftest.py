@@ -16,6 +16,15 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Benches make an Accelerator each, AMP on or off: accelerate keeps the first
+    one's ``mixed_precision`` for the process unless its state is reset."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
+@pytest.fixture(autouse=True)
 def _host_memory(request):
     if request.node.originalname != PRISTINE:
         reuse_freed_memory()

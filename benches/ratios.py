@@ -20,6 +20,13 @@ def median(b: dict) -> float:
     return b["stats"]["median"]
 
 
+def precision_label(precision: str, bench: dict) -> str:
+    """ "AMP (bf16)" / "fp32": what the run's ``train.amp`` resolved to on its device."""
+    if precision == "fp32":
+        return "fp32"
+    return f"AMP ({bench['extra_info'].get('precision', '?').replace('no', 'fp32')})"
+
+
 def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
     rows = []
 
@@ -30,37 +37,41 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
         rows.append((what, ratio, absolute))
 
     for batch in (4, 128, 2):
-        ours = get(f"test_fastdiff_train_step[eager-{batch}]")
-        comp = get(f"test_fastdiff_train_step[compiled-{batch}]")
-        for peer, how in (
-            ("test_diffusers_train_step", "diffusers (as its users run it)"),
-            (
-                "test_diffusers_train_step_reusing_memory",
-                "diffusers with fastdiff's allocator setting",
-            ),
-        ):
-            theirs = get(f"{peer}[{batch}]")
-            if ours and theirs:
+        for precision in ("amp", "fp32"):
+            ours = get(f"test_fastdiff_train_step[eager-{precision}-{batch}]")
+            comp = get(f"test_fastdiff_train_step[compiled-{precision}-{batch}]")
+            if not ours:
+                continue
+            setting = f"batch {batch}, {precision_label(precision, ours)}"
+            for peer, how in (
+                ("test_diffusers_train_step", "diffusers (as its users run it)"),
+                (
+                    "test_diffusers_train_step_reusing_memory",
+                    "diffusers with fastdiff's allocator setting",
+                ),
+            ):
+                theirs = get(f"{peer}[{precision}-{batch}]")
+                if theirs:
+                    add(
+                        f"train step, {setting}: {how} / fastdiff eager",
+                        f"{median(theirs) / median(ours):.2f}×",
+                        f"{median(ours) * 1e3:.0f} ms vs {median(theirs) * 1e3:.0f} ms",
+                    )
+            if ours["extra_info"].get("flops"):
+                achieved = ours["extra_info"]["flops"] / median(ours)
+                peak = ours["extra_info"].get("peak_flops")
                 add(
-                    f"train step, batch {batch}: {how} / fastdiff eager",
-                    f"{median(theirs) / median(ours):.2f}×",
-                    f"{median(ours) * 1e3:.0f} ms vs {median(theirs) * 1e3:.0f} ms",
+                    f"train step, {setting}: model FLOP/s (fastdiff eager)",
+                    f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
+                    f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
+                    "GFLOP per step",
                 )
-        if ours and ours["extra_info"].get("flops"):
-            achieved = ours["extra_info"]["flops"] / median(ours)
-            peak = ours["extra_info"].get("peak_flops")
-            add(
-                f"train step, batch {batch}: model FLOP/s (fastdiff eager)",
-                f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
-                f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
-                "GFLOP per step",
-            )
-        if ours and comp:
-            add(
-                f"train step, batch {batch}: eager / compiled",
-                f"{median(ours) / median(comp):.2f}×",
-                f"{median(comp) * 1e3:.0f} ms compiled",
-            )
+            if comp:
+                add(
+                    f"train step, {setting}: eager / compiled",
+                    f"{median(ours) / median(comp):.2f}×",
+                    f"{median(comp) * 1e3:.0f} ms compiled",
+                )
     for sampler, nfe in (("ddpm", 50), ("ddim", 20), ("ddpm", 3), ("ddim", 3)):
         s = get(f"test_sampler[{sampler}-{nfe}]")
         f = get(f"test_bare_forward[{nfe}]")
@@ -81,10 +92,10 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                 f"{method} {median(vm):.1f} s, loop {median(lp):.1f} s",
             )
     vm = get("test_hutchinson_probe[taylor]")
-    step = get("test_fastdiff_train_step[eager-4]")
+    step = get("test_fastdiff_train_step[eager-amp-4]")
     if vm and step:
         add(
-            "Hutchinson probe cost in training steps (batch 4)",
+            "Hutchinson probe cost in training steps (batch 4, the cards' AMP setting)",
             f"{median(vm) / median(step):.0f} steps",
             "",
         )

@@ -63,7 +63,7 @@ class OptimConfig:
 class TrainConfig:
     total_steps: int = 10_000
     batch_size: int = 4  # per process
-    amp: bool = True  # bf16 autocast on CUDA where supported, fp16 + scaler otherwise; fp32 on CPU
+    amp: bool = True  # bf16 autocast (fp16 + scaler on older GPUs; fp32 on CPUs without bf16)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 1077

@@ -14,6 +14,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """A run makes one Accelerator per process; tests make many in one, with different
+    ``mixed_precision`` (``train.amp``), which accelerate refuses once its state is set.
+    The distributed state (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
+
 def tiny(tmp_path, *extra: str) -> list[str]:
     """Overrides for a seconds-long run: 8x8 digits, unet_tiny at 16 channels."""
     return [

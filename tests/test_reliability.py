@@ -157,7 +157,8 @@ def test_checkpoint_from_another_model_is_one_clear_error(tmp_path):
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [o for o in tiny(tmp_path) if not o.startswith(("train.batch_size", "train.runs"))]
-    common += ["model.dropout=0", "train.total_steps=4", "train.ckpt_every=4"]
+    # fp32: bf16 convolutions round differently at batch 2 and batch 4
+    common += ["model.dropout=0", "train.amp=false", "train.total_steps=4", "train.ckpt_every=4"]
     train_cli(*common, "train.batch_size=2", f"train.run_dir={tmp_path / 'two'}", processes=2)
     train_cli(*common, "train.batch_size=4", f"train.run_dir={tmp_path / 'one'}", threads=1)
     a, b = final_state(tmp_path / "two", 4), final_state(tmp_path / "one", 4)

@@ -103,26 +103,39 @@ def test_resume_continues_exactly(tmp_path):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5)
 
 
+@pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("clip", [1e-3, 0.0])
-def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip):
+def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip, amp):
     """Adam's first moment after one step is (1 − β₁)·g: g must be the loss gradient
     scaled to norm ``train.grad_clip`` when it is larger (0: never clipped), and the
-    step reports the unclipped norm. The gradient is recomputed here by autograd."""
+    step reports the unclipped norm. The gradient is recomputed here by autograd, under
+    bf16 autocast when ``train.amp`` resolves to bf16 on this machine."""
     import copy
 
     from fastdiff.diffusion import eps_loss
 
     cfg = to_config(
-        compose(tiny(tmp_path, "loss=minsnr", "model.dropout=0", f"train.grad_clip={clip}"))
+        compose(
+            tiny(
+                tmp_path,
+                "loss=minsnr",
+                "model.dropout=0",
+                f"train.grad_clip={clip}",
+                f"train.amp={str(amp).lower()}",
+            )
+        )
     )
     trainer = trainer_mod.Trainer(cfg)
+    assert trainer.acc.mixed_precision == trainer_mod.amp_precision(amp, cuda=False)
     model = trainer.acc.unwrap_model(trainer.model)
     x0 = trainer.batches.batch(0)
     t, noise = trainer_mod.draw_t_noise(
         cfg.train.seed, 0, 0, 1, x0.shape[0], trainer.image_shape, cfg.diffusion.T, trainer.device
     )
     ref = copy.deepcopy(model)
-    loss = eps_loss(ref, x0, t, noise, trainer.alphas_cumprod, trainer.weights).mean()
+    bf16 = trainer.acc.mixed_precision == "bf16"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = eps_loss(ref, x0, t, noise, trainer.alphas_cumprod, trainer.weights).mean()
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
     assert norm > 1e-3  # so that the clipped case clips
@@ -137,6 +150,24 @@ def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip):
         torch.testing.assert_close(seen / (1 - cfg.optim.beta1), g * scale, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")],
+)
+def test_amp_on_cpu_is_bf16_only_where_the_cpu_has_bf16(monkeypatch, amx, avx512_bf16, expected):
+    caps = {"amx_bf16": amx, "avx512_bf16": avx512_bf16, "avx512_f": True}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert trainer_mod.amp_precision(True, cuda=False) == expected
+    assert trainer_mod.amp_precision(False, cuda=False) == "no"
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
+def test_amp_on_cuda_is_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert trainer_mod.amp_precision(True, cuda=True) == expected
+    assert trainer_mod.amp_precision(False, cuda=True) == "no"
+
+
 def test_golden_loss_curve(tmp_path):
     """Per-step losses of the tiny preset: catches silent changes to the maths.
     Regenerate (and say why in the commit) with: python -m tests.test_train"""
@@ -147,8 +178,9 @@ def test_golden_loss_curve(tmp_path):
     assert losses == pytest.approx(golden["losses"], rel=1e-3)
 
 
-GOLDEN_OVERRIDES = [
+GOLDEN_OVERRIDES = [  # fp32: the same numbers on CPUs with and without bf16
     "experiment=e9b",
+    "train.amp=false",
     "curvature.enabled=false",
     "train.total_steps=30",
     "train.log_every=1",

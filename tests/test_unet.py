@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from fastdiff.unet import MODELS, Attention, Dropout, build_model, timestep_embedding
+from fastdiff.unet import (
+    MODELS,
+    Attention,
+    Dropout,
+    GroupNorm32,
+    GroupNormSiLU,
+    build_model,
+    timestep_embedding,
+)
 
 
 def test_unet_cifar32_matches_the_ddpm_parameter_count():
@@ -120,3 +128,29 @@ def test_cpu_dropout_follows_the_seed_and_is_off_in_eval():
     assert not torch.equal(drop(x), a)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("cls", [GroupNorm32, GroupNormSiLU])
+def test_group_norm_runs_in_fp32_under_cpu_autocast(cls):
+    """Under bf16 autocast a bf16 activation (a conv's output) is normalised with fp32
+    statistics and comes out fp32: checked against float64 arithmetic done here."""
+    norm = cls(4, 16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    x = (torch.randn(2, 16, 8, 8) * 3 + 5).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    xg = x.double().reshape(2, 4, -1)
+    xhat = (xg - xg.mean(-1, keepdim=True)) / (
+        xg.var(-1, unbiased=False, keepdim=True) + norm.eps
+    ).sqrt()
+    expected = (
+        xhat.reshape(2, 16, 8, 8) * norm.weight.double()[:, None, None]
+        + norm.bias.double()[:, None, None]
+    )
+    if cls is GroupNormSiLU:
+        expected = expected * torch.sigmoid(expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.float32
+    # bf16 statistics would be off by ~1e-2 here (mean 5, values rounded to 8 bits)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
