@@ -30,7 +30,7 @@ from fastdiff.data import make_batches, probe_pool
 from fastdiff.diffusion import Schedule, eps_loss, q_sample
 from fastdiff.ema import EMA
 from fastdiff.fid import FIDEvaluator, build_evaluator, generate, shard_of
-from fastdiff.flat import backs, flatten_
+from fastdiff.flat import Handover, backs, flatten_
 from fastdiff.flops import peak_flops, train_step_flops
 from fastdiff.hostmem import reuse_freed_memory
 from fastdiff.kernels import weighted_mse
@@ -179,6 +179,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         # Adam, clipping and the EMA each run as one kernel over this buffer (fastdiff.flat)
         self.flat = flatten_(model)
+        self.handover = Handover(self.flat, model)
         self.ema = EMA(model, cfg.train.ema_decay, self.flat)
         opt = torch.optim.Adam(
             [self.flat],
@@ -308,13 +309,14 @@ class Trainer:
         with self.acc.autocast():
             per_sample = self.loss(x0, t, noise)
         loss = per_sample.mean()
+        self.handover.release()
         self.acc.backward(loss)
+        self.handover.collect()
         grad_norm = self._clip(cfg.train.grad_clip)
         finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
         if self.acc.scaler is None:  # fused Adam skips the update where found_inf is 1
             self.opt.optimizer.found_inf = (~finite).float()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=False)  # the model's .grad are views of flat.grad
+        self.opt.step()  # (no zero_grad: the next backward's gradients are handed over)
         self.ema.update(self.module)
         mse = (per_sample.detach() / self.weights[t]).mean()
         return loss.detach(), mse, grad_norm.detach().float(), finite

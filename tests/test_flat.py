@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fastdiff.ema import EMA
-from fastdiff.flat import ALIGN, backs, flatten_
+from fastdiff.flat import ALIGN, Handover, backs, flatten_
 
 
 def small(fmt=torch.contiguous_format):
@@ -86,3 +86,27 @@ def test_flatten_refuses_mixed_dtypes_and_the_link_check_sees_a_copy():
     flat = flatten_(net)
     net[0].weight.data = net[0].weight.data.clone()
     assert not backs(flat, net)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_handover_replaces_the_flat_gradient_without_zeroing_it(fmt):
+    """After release, backward, collect: the flat buffer holds exactly this backward's
+    gradient (whatever it held before), and every .grad is its view again."""
+    net = nn.Sequential(small(fmt), nn.Conv2d(2, 2, 1))  # the last conv stays unused
+    flat = flatten_(net)
+    hand = Handover(flat, net)
+    x = torch.randn(2, 3, 6, 6)
+    ref = nn.Sequential(small(fmt), nn.Conv2d(2, 2, 1))
+    ref.load_state_dict(net.state_dict())
+    used = list(ref[0].parameters())
+    expected = torch.autograd.grad(ref[0](x).square().sum(), used)
+
+    for _ in range(2):  # twice: the second time the buffer holds the first gradient
+        flat.grad.fill_(7.0)
+        hand.release()
+        net[0](x).square().sum().backward()
+        hand.collect()
+        assert backs(flat, net)
+        for p, g in zip(net[0].parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad, g)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in net[1].parameters())

@@ -154,3 +154,15 @@ def test_group_norm_runs_in_fp32_under_cpu_autocast(cls):
     assert y.dtype == torch.float32
     # bf16 statistics would be off by ~1e-2 here (mean 5, values rounded to 8 bits)
     torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_time_projections_equal_each_blocks_own():
+    """The UNet computes all ResBlocks' temb_proj in one product; each block must get
+    its own: the same network with every block projecting for itself agrees."""
+    import itertools
+
+    model = _randomised(build_model("unet_tiny", 16, 0.0, 8))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    stacked = model(x, t)
+    model._temb_projections = lambda temb: itertools.repeat(None)
+    torch.testing.assert_close(stacked, model(x, t), atol=1e-6, rtol=1e-5)
