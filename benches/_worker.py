@@ -2,7 +2,7 @@
 
 Every train-step bench runs its step in its own worker, so none inherits the heap,
 allocator thresholds, thread pools or oneDNN caches of the benches before it (in one
-process, fastdiff's batch-4 step measured 163 ms alone and 178-189 ms after the
+process, fastdiff's batch-4 step measured 163-171 ms alone and 178-189 ms after the
 peer's batch-128 benches). The diffusers peer runs with its users' default allocator;
 fastdiff's Trainer applies its own setting (``fastdiff.hostmem``) as it does in
 training; the third worker kind runs the peer with that setting.
