@@ -24,7 +24,8 @@ def precision_label(precision: str, bench: dict) -> str:
     """ "AMP (bf16)" / "fp32": what the run's ``train.amp`` resolved to on its device."""
     if precision == "fp32":
         return "fp32"
-    return f"AMP ({bench['extra_info'].get('precision', '?').replace('no', 'fp32')})"
+    resolved = bench["extra_info"].get("precision", "?")
+    return f"AMP ({'fp32' if resolved == 'no' else resolved})"
 
 
 def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:

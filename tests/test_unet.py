@@ -7,6 +7,7 @@ from fastdiff.unet import (
     Dropout,
     GroupNorm32,
     GroupNormSiLU,
+    ResBlock,
     build_model,
     timestep_embedding,
 )
@@ -159,10 +160,9 @@ def test_group_norm_runs_in_fp32_under_cpu_autocast(cls):
 def test_stacked_time_projections_equal_each_blocks_own():
     """The UNet computes all ResBlocks' temb_proj in one product; each block must get
     its own: the same network with every block projecting for itself agrees."""
-    import itertools
-
     model = _randomised(build_model("unet_tiny", 16, 0.0, 8))
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
     stacked = model(x, t)
-    model._temb_projections = lambda temb: itertools.repeat(None)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    model._temb_projections = lambda temb: iter([b.temb_proj(temb) for b in blocks])
     torch.testing.assert_close(stacked, model(x, t), atol=1e-6, rtol=1e-5)
