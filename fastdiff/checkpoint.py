@@ -1,94 +1,237 @@
 """Checkpoints: what a run needs to continue exactly, written atomically.
 
-A checkpoint holds the model, the EMA, the optimizer, the grad scaler, the step and
-the resolved config. Every random stream (data order, flips, timesteps, noise,
-dropout, probes, grid and FID sampling) is keyed by (seed, step), so the step
-restores each of them exactly; a WebDataset stream restarts at the beginning of
-the epoch the step falls in.
+A checkpoint holds the model, the EMA, the optimizer, the grad scaler, the step, the
+resolved config, the process count and the run's progress so far (time, images,
+segments). Every random stream (data order, flips, timesteps, noise, dropout,
+probes, grid and FID sampling) is keyed by (seed, step), so the step restores each
+of them exactly; a WebDataset stream restarts at the beginning of the epoch the
+step falls in.
+
+Resuming continues the same arm or refuses: the settings that define what is
+trained (:data:`DEFINING`) must equal the checkpoint's. Starting a new run from
+other weights on purpose is ``train.init_from``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from fastdiff.config import ConfigError
-from fastdiff.rundir import checkpoints, config_yaml, resolve_checkpoint, save_torch
+from fastdiff.rundir import checkpoints, save_torch
 
 log = logging.getLogger("fastdiff")
 
-# Settings a checkpoint's weights are tied to: resuming across a change is an error.
-BOUND = [("model", "name"), ("model", "base_channels"), ("data", "image_size"), ("diffusion", "T")]
+# What the weights' shapes are tied to: even train.init_from needs these to match.
+ARCHITECTURE = ["model.name", "model.base_channels", "data.image_size"]
+# What defines the arm a run trains: resuming across a change of any is refused.
+# Cadences, eval and curvature settings, total_steps and implementation switches
+# (kernels, channels_last, compile) may differ: they do not change what is trained.
+DEFINING = [
+    *ARCHITECTURE,
+    "model.dropout",
+    "diffusion.beta_schedule",
+    "diffusion.T",
+    "loss.weighting",
+    "loss.minsnr_gamma",
+    "optim.name",
+    "optim.lr",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.weight_decay",
+    "train.batch_size",
+    "train.seed",
+    "train.amp",
+    "train.grad_clip",
+    "train.ema_decay",
+    "data.name",
+    "data.path",
+    "data.hflip",
+]
+UNREADABLE_SUFFIX = ".unreadable"  # a broken checkpoint is kept under this name
 
 
-def resolve_resume(cfg) -> Path | None:
-    """train.resume as a checkpoint path: a file, a run dir, or ``auto`` (the latest
-    checkpoint of train.run_dir, else of the newest run of this experiment)."""
+def _get(node, dotted_key: str):
+    for part in dotted_key.split("."):
+        node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+    return node
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file read into host memory once."""
+
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def config(self) -> dict:
+        return yaml.safe_load(self.state["config"])
+
+    @property
+    def progress(self) -> dict:
+        """Time, images and segments of the run up to this checkpoint."""
+        return self.state.get("progress") or {}
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory holding this checkpoint; None for a loose file."""
+        run = self.path.parent.parent
+        if self.path.parent.name == "checkpoints" and (run / "config.yaml").is_file():
+            return run
+        return None
+
+
+class Unreadable(ConfigError):
+    pass
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "step" not in state or "config" not in state:
+            raise ValueError("not a fastdiff checkpoint")
+    except Exception as err:
+        raise Unreadable(
+            f"checkpoint {path} cannot be read ({type(err).__name__}): pick "
+            "another one with train.resume=FILE"
+        ) from None
+    return Checkpoint(Path(path), state)
+
+
+def _newest_readable(run_dir: Path, set_aside: bool) -> Checkpoint | None:
+    """The run's newest checkpoint that loads. With ``set_aside`` (the main process),
+    unreadable newer ones are renamed with UNREADABLE_SUFFIX, so they are kept for
+    inspection and not picked again, with a warning naming them."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return read_checkpoint(path)
+        except Unreadable:
+            if set_aside:
+                log.warning(
+                    "checkpoint %s cannot be read: set aside as %s%s, using the one before",
+                    path,
+                    path.name,
+                    UNREADABLE_SUFFIX,
+                )
+                path.rename(path.with_name(path.name + UNREADABLE_SUFFIX))
+    return None
+
+
+def resolve_resume(cfg, is_main: bool = True) -> Checkpoint | None:
+    """train.resume read as a checkpoint: a file (must load), a run dir, or ``auto``
+    (train.run_dir, else the newest run of this experiment with a checkpoint). For a
+    run dir or auto, an unreadable newest checkpoint falls back to the one before."""
     resume = cfg.train.resume
     if not resume:
         return None
+    path = Path(resume)
+    if resume != "auto" and not path.is_dir():
+        return read_checkpoint(path)
     if resume != "auto":
-        return resolve_checkpoint(resume)
-    if cfg.train.run_dir:
+        runs = [path]
+    elif cfg.train.run_dir:
         runs = [Path(cfg.train.run_dir)]
     else:
         runs = sorted((Path(cfg.train.runs_root) / cfg.experiment).glob("*"))
     runs = [r for r in runs if checkpoints(r)]
     if not runs:
+        if resume != "auto":
+            raise ConfigError(f"train.resume={resume} has no checkpoints/step_*.pt")
         log.info("train.resume=auto: no checkpoint yet, starting from step 0")
         return None
-    return checkpoints(runs[-1])[-1]
+    found = _newest_readable(runs[-1], set_aside=is_main)
+    if found is None:
+        raise ConfigError(
+            f"no checkpoint of {runs[-1]} can be read (all set aside as *{UNREADABLE_SUFFIX}): "
+            "start a new run"
+        )
+    return found
 
 
-def save_checkpoint(path: Path, step: int, model, ema, optimizer, scaler, cfg) -> None:
+def changed_settings(saved: dict, cfg, keys: list[str]) -> list[str]:
+    """'key=was (this run: now)' for each of ``keys`` that differs."""
+    out = []
+    for key in keys:
+        was, now = _get(saved, key), _get(cfg, key)
+        if was != now:
+            out.append(f"{key}={was} (this run: {now})")
+    return out
+
+
+def check_resumable(ckpt: Checkpoint, cfg, processes: int) -> None:
+    """Refuse (one line naming every changed key) when the run would continue as
+    another arm than the checkpoint's."""
+    check_architecture(ckpt, cfg)
+    changed = changed_settings(ckpt.config, cfg, DEFINING)
+    was = ckpt.state.get("processes")
+    if was is not None and was != processes:
+        changed.append(f"processes={was} (this run: {processes})")
+    if changed:
+        raise ConfigError(
+            f"checkpoint {ckpt.path} trained another arm: {'; '.join(changed)}. Resume "
+            "with its settings, or start a new run from its weights with "
+            f"train.init_from={ckpt.path}"
+        )
+
+
+def check_architecture(ckpt: Checkpoint, cfg) -> None:
+    changed = changed_settings(ckpt.config, cfg, ARCHITECTURE)
+    if changed:
+        raise ConfigError(
+            f"checkpoint {ckpt.path} holds weights of another shape: {'; '.join(changed)}"
+        )
+
+
+def save_checkpoint(
+    path: Path,
+    step: int,
+    model,
+    ema,
+    optimizer,
+    scaler,
+    config: str,
+    processes: int,
+    progress: dict,
+) -> None:
+    """``config``: the run's config.yaml text (with its parent record, if any)."""
     state = {
         "step": step,
         "model": model.state_dict(),
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": {"torch": torch.get_rng_state()},  # all training streams are keyed by step
-        "config": config_yaml(cfg),
+        "config": config,
+        "processes": processes,
+        "progress": progress,
     }
     save_torch(state, path)
 
 
-def check_compatible(saved_yaml: str, cfg, path: Path) -> None:
-    saved = yaml.safe_load(saved_yaml)
-    for group, key in BOUND:
-        was, now = saved.get(group, {}).get(key), getattr(getattr(cfg, group), key)
-        if was != now:
-            raise ConfigError(
-                f"checkpoint {path} was trained with {group}.{key}={was}, this "
-                f"run has {now}: set {group}.{key}={was} or start a new run"
-            )
-
-
-def load_checkpoint(path: Path, model, ema, optimizer, scaler, cfg, device) -> int:
-    """Restore everything into the given objects; returns the step to continue from."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}): pick "
-            "another one with train.resume=FILE"
-        ) from None
-    check_compatible(state["config"], cfg, path)
+def restore(
+    ckpt: Checkpoint, model, ema, optimizer, scaler, device, weights_only: bool = False
+) -> None:
+    """Load the checkpoint's state into the given objects (all of them, or with
+    ``weights_only`` the model and EMA, for train.init_from with a fresh optimizer)."""
+    state = ckpt.state
     model.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
+    if weights_only:
+        return
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError:  # one flat parameter group since the flat buffer (fastdiff.flat)
         raise ConfigError(
-            f"checkpoint {path} holds optimizer state per tensor, from a fastdiff before the "
-            "flat parameter buffer: it cannot be resumed; evaluate it, or start a new run"
+            f"checkpoint {ckpt.path} holds optimizer state per tensor, from a fastdiff before "
+            "the flat parameter buffer: it cannot be resumed; evaluate it, or start a new run"
         ) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if state["step"] >= cfg.train.total_steps:
-        log.warning("checkpoint %s is already at step %d >= train.total_steps", path, state["step"])
-    log.info("resumed from %s at step %d", path, state["step"])
-    return state["step"]

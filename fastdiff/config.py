@@ -14,6 +14,8 @@ data (digits, cifar10), optim/train/sampling/eval/curvature (default).
 from __future__ import annotations
 
 import copy
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,10 @@ class TrainConfig:
     # CPU: glibc keeps freed memory for reuse (fastdiff.hostmem; 1.65x at batch 128)
     reuse_host_memory: bool = True
     resume: str | None = None  # a checkpoint file, a run dir (its latest), or "auto"
+    # A new run from another checkpoint's weights (model + EMA), e.g. to fine-tune under
+    # another weighting; its optimizer state too with init_keep_optimizer=true.
+    init_from: str | None = None
+    init_keep_optimizer: bool = False
     runs_root: str = "runs"
     run_dir: str | None = None  # default: <runs_root>/<experiment>/<timestamp>
     progress: bool = True
@@ -404,6 +410,20 @@ def validate(cfg: Config) -> None:
         f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards",
     )
     need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
+    spec = MODELS[cfg.model.name]
+    down = 2 ** (len(spec.ch_mult) - 1)
+    need(
+        cfg.data.image_size % down == 0,
+        f"{cfg.model.name} takes image sizes divisible by {down} (its downsampling), got "
+        f"data.image_size={cfg.data.image_size}: use e.g. "
+        f"{max(down, cfg.data.image_size // down * down)} or "
+        f"{-(-cfg.data.image_size // down) * down}",
+    )
+    need(
+        cfg.model.base_channels > 0 and cfg.model.base_channels % spec.norm_groups == 0,
+        f"model.base_channels must be a positive multiple of {spec.norm_groups} (the GroupNorm "
+        f"groups of {cfg.model.name}), got {cfg.model.base_channels}",
+    )
     need(
         cfg.data.workers is None or cfg.data.workers >= 0,
         f"data.workers must be >= 0 (or null for auto), got {cfg.data.workers}",
@@ -443,6 +463,12 @@ def validate(cfg: Config) -> None:
         cfg.sampling.grid_images > 0 and cfg.sampling.grid_every > 0,
         "sampling.grid_images and sampling.grid_every must be > 0",
     )
+    side = math.isqrt(cfg.sampling.grid_images)
+    need(
+        side * side == cfg.sampling.grid_images,
+        f"sampling.grid_images must be a perfect square (the grid is square), got "
+        f"{cfg.sampling.grid_images}: use {side * side} or {(side + 1) ** 2}",
+    )
     need(
         cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
         "curvature.probes and curvature.batch_size must be > 0",
@@ -455,12 +481,27 @@ def validate(cfg: Config) -> None:
         cfg.eval.milestone_samples >= 2 and cfg.eval.final_samples >= 2,
         "eval.milestone_samples and eval.final_samples must be >= 2 (FID needs a covariance)",
     )
-    if cfg.eval.fid.stats_path is not None:
+    # Paths given explicitly are checked whatever eval.fid.enabled says: a typo must not
+    # quietly cost a run its FID.
+    fid = cfg.eval.fid
+    if fid.weights_path is not None:
         need(
-            Path(cfg.eval.fid.stats_path).is_file(),
-            f"eval.fid.stats_path={cfg.eval.fid.stats_path} does not exist: pass an .npz "
+            Path(fid.weights_path).is_file() and os.access(fid.weights_path, os.R_OK),
+            f"eval.fid.weights_path={fid.weights_path} does not exist or cannot be read: "
+            "point it at the Inception weights file, or leave it unset",
+        )
+    if fid.stats_path is not None:
+        need(
+            Path(fid.stats_path).is_file(),
+            f"eval.fid.stats_path={fid.stats_path} does not exist: pass an .npz "
             "with mu and sigma, or leave it unset to use the training set",
         )
+        from fastdiff.fid import read_stats_file
+
+        try:
+            read_stats_file(fid.stats_path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     need(
         cfg.train.on_nonfinite in ("stop", "skip"),
         f"train.on_nonfinite must be 'stop' or 'skip', got {cfg.train.on_nonfinite!r}",
@@ -472,6 +513,34 @@ def validate(cfg: Config) -> None:
             f"train.resume={cfg.train.resume} does not exist: "
             "pass a checkpoint file or a run directory",
         )
+    if cfg.train.init_from is not None:
+        need(
+            cfg.train.resume is None,
+            "train.init_from starts a new run and train.resume continues one: set only one",
+        )
+        need(
+            Path(cfg.train.init_from).is_file(),
+            f"train.init_from={cfg.train.init_from} does not exist: pass a checkpoint file",
+        )
+    for key in ("runs_root", "run_dir"):
+        where = getattr(cfg.train, key)
+        if where is not None:
+            problem = unwritable(Path(where))
+            need(problem is None, f"train.{key}={where} cannot be written: {problem}")
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a directory could not be created or written at ``path`` (None: it can)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no existing parent folder"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to write in {probe}"
+    return None
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -479,7 +548,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a fastdiff run directory (no config.yaml)")
-    node = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    saved = OmegaConf.load(path)
+    saved.pop("parent", None)  # train.init_from's record, not a setting
+    node = OmegaConf.merge(OmegaConf.structured(Config), saved)
     node.train.resume = None
     cfg = OmegaConf.to_object(node)
     validate(cfg)

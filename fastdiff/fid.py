@@ -6,10 +6,15 @@
   seeded by (seed, i): the set of samples depends on the seed and N only, never on the
   batch size, the number of processes or the training step, so milestone FIDs of two
   runs are measured on the same noise.
-- The reference side is the run's training images (uint8, no flips). Its Inception
-  statistics are cached by torch-fidelity under a name holding a hash of the data
-  and the extractor, so they are computed once per data set and never go stale. A
-  precomputed statistics file (``.npz`` with ``mu`` and ``sigma``) can be used instead.
+- The reference side is the run's training images (uint8, no flips). Its feature
+  statistics are cached by torch-fidelity under a name keyed by everything the
+  features depend on: the data's hash and count, the extractor and its layer, the
+  resize path, a hash of the weights file and torch-fidelity's version. A precomputed
+  statistics file (``.npz`` with ``mu`` and ``sigma``, as pytorch-fid, TTUR and
+  clean-fid write them) can be used instead; its keys and feature dimension are
+  checked when the run starts.
+- :attr:`FIDEvaluator.provenance` says how the numbers were computed; runs record it in
+  summary.json, and the report compares FIDs only between runs whose provenance agrees.
 - The Inception weights are resolved from ``eval.fid.weights_path``, then the torch hub
   cache, then a download; a run that needs them and cannot have them fails at
   start-up with one line saying where to put the file.
@@ -38,10 +43,54 @@ log = logging.getLogger("fastdiff")
 WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_NAME}"
 EXTRACTOR = "inception-v3-compat"
+FEATURE_LAYER = "2048"  # the pool3 features FID is defined on
+FEATURE_DIM = 2048
+# inception-v3-compat resizes inside the network with TF1's bilinear to 299x299
+RESIZE = "tf1x-bilinear-299"
 
 
 class FIDUnavailable(RuntimeError):
     """FID was asked for but cannot be computed here (no Inception weights)."""
+
+
+_SHA256: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, once per (path, size, mtime) in this process."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def read_stats_file(path: str | Path, dim: int = FEATURE_DIM) -> dict[str, np.ndarray]:
+    """A reference-statistics .npz (``mu`` (D,), ``sigma`` (D, D)), checked against the
+    extractor's feature dimension. ValueError with one line naming the file otherwise."""
+    try:
+        with np.load(path) as npz:
+            found = {k: npz[k] for k in npz.files}
+    except Exception as err:
+        raise ValueError(
+            f"eval.fid.stats_path={path} cannot be read as .npz ({type(err).__name__})"
+        ) from None
+    if not {"mu", "sigma"} <= found.keys():
+        raise ValueError(
+            f"eval.fid.stats_path={path} has keys {sorted(found)}, not mu and sigma "
+            "(the layout pytorch-fid, TTUR and clean-fid write)"
+        )
+    mu, sigma = found["mu"], found["sigma"]
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(
+            f"eval.fid.stats_path={path} holds mu {mu.shape} and sigma {sigma.shape}, but "
+            f"{EXTRACTOR} features are {dim}-dimensional: use statistics of its pool3 layer"
+        )
+    return {"mu": mu, "sigma": sigma}
 
 
 def hub_weights_path() -> Path:
@@ -159,9 +208,27 @@ class FIDEvaluator:
         device: str | torch.device = "cpu",
         batch_size: int = 64,
     ):
+        import torch_fidelity
+
         self.reference = UInt8Images(reference)
-        self.cache_name = f"fastdiff-{ref_name}-{EXTRACTOR}-n{len(reference)}"
         self.weights, self.stats_path = weights, stats_path
+        if stats_path is not None:
+            self.ref_stats = read_stats_file(stats_path)
+            ref = {"stats_file": str(stats_path), "stats_sha256": file_sha256(stats_path)}
+        else:
+            ref = {"data_sha256": ref_name, "count": len(reference)}
+        self.provenance = {
+            "extractor": EXTRACTOR,
+            "layer": FEATURE_LAYER,
+            "resize": RESIZE,
+            "weights_sha256": file_sha256(weights),
+            "torch_fidelity": torch_fidelity.__version__,
+            "reference": ref,
+        }
+        # Keyed by everything the reference features depend on: new weights, extractor,
+        # resize path or torch-fidelity version each compute (and cache) anew.
+        key = hashlib.sha256(json.dumps(self.provenance, sort_keys=True).encode()).hexdigest()
+        self.cache_name = f"fastdiff-{ref_name}-n{len(reference)}-{key[:16]}"
         self.cache_dir = cache_dir or os.path.join(Path.home(), ".cache", "fastdiff", "fid")
         self.cuda = torch.device(device).type == "cuda"
         self.batch_size = batch_size
@@ -174,6 +241,7 @@ class FIDEvaluator:
             batch_size=self.batch_size,
             verbose=False,
             feature_extractor=EXTRACTOR,
+            feature_layer_fid=FEATURE_LAYER,
             feature_extractor_weights_path=str(self.weights),
             cache_root=self.cache_dir,
             save_cpu_ram=True,
@@ -201,15 +269,11 @@ class FIDEvaluator:
         from torch_fidelity.metric_fid import fid_input_id_to_statistics, fid_statistics_to_metric
         from torch_fidelity.utils import create_feature_extractor
 
-        ref = np.load(self.stats_path)
-        extractor = create_feature_extractor(EXTRACTOR, ["2048"], **kwargs)
+        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **kwargs)
         stats = fid_input_id_to_statistics(
-            1, extractor, "2048", input1=UInt8Images(samples), **kwargs
+            1, extractor, FEATURE_LAYER, input1=UInt8Images(samples), **kwargs
         )
-        ref_stats = {
-            "mu": ref["mu"].astype(stats["mu"].dtype),
-            "sigma": ref["sigma"].astype(stats["sigma"].dtype),
-        }
+        ref_stats = {k: v.astype(stats[k].dtype) for k, v in self.ref_stats.items()}
         return {
             "fid": fid_statistics_to_metric(stats, ref_stats, False)["frechet_inception_distance"]
         }
@@ -309,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         "nfe": args.nfe,
         "samples": args.samples,
         **{f"eval/fid/{k}": v for k, v in evaluator(samples).items()},
+        "fid_provenance": {**evaluator.provenance, "sampler": args.sampler, "nfe": args.nfe},
         "seconds": time.perf_counter() - start,
     }
     write_text(

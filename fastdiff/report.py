@@ -177,6 +177,9 @@ def fid_band(base: Run, treat: Run, max_increase: float = 0.10) -> list[Criterio
     """W1-E6: final FID no worse than +10%; and whether it improved by 5–10%."""
     fb, ft = _final_fid(base), _final_fid(treat)
     name = f"final FID no worse than +{max_increase:.0%}"
+    differs = fid_provenance_differs(base, treat)
+    if differs:
+        return [Criterion(name, NA, differs), Criterion("final FID improved by ≥5%", NA, differs)]
     if fb is None or ft is None:
         msg = "no final FID (eval/final/fid or a milestone FID) in " + _missing(fb, ft, base, treat)
         return [Criterion(name, NA, msg), Criterion("final FID improved by ≥5%", NA, msg)]
@@ -188,6 +191,21 @@ def fid_band(base: Run, treat: Run, max_increase: float = 0.10) -> list[Criterio
             "final FID improved by ≥5%", PASS if change <= -0.05 else FAIL, detail, "fid.png"
         ),
     ]
+
+
+FID_DIFFERS = "not evaluable: FIDs computed against different references"
+
+
+def fid_provenance_differs(*runs: Run) -> str | None:
+    """Why these runs' FIDs cannot be compared (None: they can): implementations,
+    weights and references alone move FID by several percent."""
+    found = [r.summary.get("fid_provenance") for r in runs]
+    if all(p is None for p in found) or all(p == found[0] for p in found):
+        return None
+    keys = sorted(
+        {k for p in found if p for k in p if any((q or {}).get(k) != p.get(k) for q in found)}
+    )
+    return f"{FID_DIFFERS} ({', '.join(keys) or 'one run has no record'} differ)"
 
 
 def _missing(fb, ft, base: Run, treat: Run) -> str:
@@ -229,6 +247,9 @@ def fid_ratio(base: Run, treat: Run, which: str) -> Criterion:
 
     fb, ft = pick(base), pick(treat)
     name = f"{which} FID within 30% of {base.name} (pathology at ≥2×)"
+    differs = fid_provenance_differs(base, treat)
+    if differs:
+        return Criterion(name, NA, differs)
     if fb is None or ft is None:
         return Criterion(name, NA, "no FID logged in " + _missing(fb, ft, base, treat))
     ratio = ft / fb
@@ -483,6 +504,9 @@ def fid_gap_persists(linear: tuple[Run, Run], cosine: tuple[Run, Run]) -> Criter
         fb, ft = _final_fid(base), _final_fid(treat)
         gaps.append(None if fb is None or ft is None else ft / fb)
     name = "FID gap (Min-SNR / vanilla) under cosine vs linear"
+    differs = fid_provenance_differs(*linear, *cosine)
+    if differs:
+        return Criterion(name, NA, differs)
     if None in gaps:
         return Criterion(name, NA, "final FID missing in the linear or cosine pair")
     worse = gaps[1] > gaps[0]
@@ -519,6 +543,27 @@ def card_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def provenance_lines(runs: list[Run]) -> list[str]:
+    """How each run's FID was computed, once per run."""
+    lines = []
+    for run in runs:
+        p = run.summary.get("fid_provenance")
+        if p is None:
+            continue
+        ref = p.get("reference", {})
+        against = (
+            f"statistics {ref['stats_file']} (sha256 {ref['stats_sha256'][:12]})"
+            if "stats_file" in ref
+            else f"training set {ref.get('data_sha256')} ({ref.get('count')} images)"
+        )
+        lines.append(
+            f"- {run.name}: {p['extractor']} ({p['layer']}, {p['resize']}), weights sha256 "
+            f"{p['weights_sha256'][:12]}, torch-fidelity {p['torch_fidelity']}, against "
+            f"{against}; {p['sampler']} NFE {p['nfe']}, {p['final_samples']} final samples"
+        )
+    return ["## How FID was computed", "", *lines, ""] if lines else []
+
+
 def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     card = card or detect_card(runs)
@@ -543,6 +588,7 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
     ]
     md += [f"| {c.name} | {icon[c.status]} | {c.detail} | {c.figure} |" for c in crits]
     md += ["", *[f"- {n}" for n in notes], ""]
+    md += provenance_lines(runs)
     for fig in figures:
         md += [f"![{fig}]({fig})", ""]
     text = "\n".join(md)

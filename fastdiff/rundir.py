@@ -59,9 +59,13 @@ def new_run_dir(runs_root: str, experiment: str) -> Path:
     return path
 
 
-def config_yaml(cfg) -> str:
+def config_yaml(cfg, parent: dict | None = None) -> str:
+    """The resolved config as YAML; ``parent`` (train.init_from's checkpoint, step and
+    config) is recorded under its own top-level key."""
     node = OmegaConf.to_container(OmegaConf.structured(cfg))
     node.pop("defaults", None)
+    if parent is not None:
+        node["parent"] = parent
     return OmegaConf.to_yaml(node)
 
 
@@ -80,17 +84,6 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
             f"{run_dir} has no checkpoint for step {step}: it has {sorted(found) or 'none'}"
         )
     return step, found[step]
-
-
-def resolve_checkpoint(resume: str) -> Path:
-    """A checkpoint file, or a run directory's latest checkpoint."""
-    path = Path(resume)
-    if path.is_dir():
-        found = checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"train.resume={resume} has no checkpoints/step_*.pt")
-        return found[-1]
-    return path
 
 
 class MetricsLog:

@@ -35,7 +35,11 @@ def respace(schedule: Schedule, nfe: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = schedule.T
     if not 1 <= nfe <= T:
         raise ValueError(f"nfe must be between 1 and T={T}, got {nfe}")
-    timesteps = torch.linspace(0, T - 1, nfe, dtype=torch.float64).round().long()
+    # Every chain starts at T−1, whatever K: linspace(0, T−1, 1) alone would be [0].
+    ends = (
+        torch.linspace(0, T - 1, nfe, dtype=torch.float64) if nfe > 1 else torch.tensor([T - 1.0])
+    )
+    timesteps = ends.round().long()
     return timesteps, schedule.alphas_cumprod[timesteps]
 
 

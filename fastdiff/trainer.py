@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from fastdiff.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from fastdiff.config import Config, flat
+from fastdiff.checkpoint import (
+    check_architecture,
+    check_resumable,
+    read_checkpoint,
+    resolve_resume,
+    restore,
+    save_checkpoint,
+)
+from fastdiff.config import Config, ConfigError, flat
 from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
 from fastdiff.diffusion import Schedule, eps_loss, q_sample
@@ -106,6 +114,12 @@ class Diverged(Stopped):
     exit_code = EXIT_DIVERGED
 
 
+class Finished(Stopped):
+    """Resuming a run that already reached train.total_steps: nothing is touched."""
+
+    exit_code = 0
+
+
 @dataclass
 class Window:
     """Device-side sums since the last log; read (one host sync) at the log cadence.
@@ -145,7 +159,23 @@ class Trainer:
             reuse_freed_memory()
         torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
 
-        # Data first: a missing or unreadable data set fails before anything is written.
+        # The checkpoint first: a refused or finished resume costs no set-up, writes nothing.
+        self.resumed = resolve_resume(cfg, self.acc.is_main_process)
+        self.parent = read_checkpoint(Path(cfg.train.init_from)) if cfg.train.init_from else None
+        if self.resumed is not None:
+            check_resumable(self.resumed, cfg, self.acc.num_processes)
+            if self.resumed.step >= cfg.train.total_steps:
+                where = self.resumed.run_dir or self.resumed.path
+                raise Finished(
+                    self.resumed.step,
+                    f"{where} is already at step {self.resumed.step} of train.total_steps="
+                    f"{cfg.train.total_steps}: nothing to do (raise train.total_steps to "
+                    "train on)",
+                )
+        if self.parent is not None:
+            check_architecture(self.parent, cfg)
+
+        # Data next: a missing or unreadable data set fails before anything is written.
         self.batches = make_batches(
             cfg.data,
             cfg.train.batch_size,
@@ -213,25 +243,14 @@ class Trainer:
             )
 
         self.start_step = 0
-        resume = resolve_resume(cfg)
-        self.run_dir = self._run_dir(resume)
-        if resume is not None:
-            self.start_step = load_checkpoint(
-                resume,
-                self.module,
-                self.ema,
-                self.opt,
-                self.acc.scaler,
-                cfg,
-                self.device,
-            )
-            self.batches.seek(self.start_step)
+        self.run_dir = self._run_dir()
+        self.config_text = config_yaml(cfg, self._restore())
         if self.acc.is_main_process:
-            write_text(self.run_dir / "config.yaml", config_yaml(cfg))
+            write_text(self.run_dir / "config.yaml", self.config_text)
         self.metrics = MetricsLog(
             self.run_dir,
             self.acc.is_main_process,
-            self.start_step if resume else None,
+            self.start_step if self.resumed else None,
             lambda: flat(cfg),
         )
         self.probe = (
@@ -239,17 +258,71 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- set-up
-    def _run_dir(self, resume: Path | None) -> Path:
+    def _run_dir(self) -> Path:
+        """An explicit train.run_dir; else the resumed checkpoint's run; else a new run
+        under runs_root (also for a loose checkpoint: nothing is written beside it)."""
         cfg = self.cfg
-        if resume is not None:
-            path = resume.parent.parent
-        elif cfg.train.run_dir:
+        if cfg.train.run_dir:
             path = Path(cfg.train.run_dir)
+        elif self.resumed is not None and self.resumed.run_dir is not None:
+            path = self.resumed.run_dir
         else:
             path = new_run_dir(cfg.train.runs_root, cfg.experiment)
         shared = [str(path)]
         broadcast_object_list(shared)  # every rank writes into rank 0's directory
-        return Path(shared[0])
+        path = Path(shared[0])
+        if self.acc.is_main_process:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot create the run directory {path} ({err.strerror}): set "
+                    "train.runs_root or train.run_dir to a writable folder"
+                ) from None
+        return path
+
+    def _restore(self) -> dict | None:
+        """Load the resumed checkpoint (everything) or train.init_from's weights; returns
+        the parent record config.yaml keeps (carried over when a child run resumes)."""
+        if self.resumed is not None:
+            restore(self.resumed, self.module, self.ema, self.opt, self.acc.scaler, self.device)
+            self.start_step = self.resumed.step
+            self.batches.seek(self.start_step)
+            log.info("resumed from %s at step %d", self.resumed.path, self.start_step)
+            if self.resumed.run_dir is None:
+                log.info(
+                    "%s is not in a run directory: continuing in %s",
+                    self.resumed.path,
+                    self.run_dir,
+                )
+            return self.resumed.config.get("parent")
+        if self.parent is None:
+            return None
+        keep = self.cfg.train.init_keep_optimizer
+        restore(
+            self.parent,
+            self.module,
+            self.ema,
+            self.opt,
+            self.acc.scaler,
+            self.device,
+            weights_only=not keep,
+        )
+        o = self.cfg.optim
+        for group in self.opt.optimizer.param_groups:  # the saved groups carry the parent's
+            group.update(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+        log.info(
+            "new run from the weights of %s (step %d), optimizer %s",
+            self.parent.path,
+            self.parent.step,
+            "kept" if keep else "fresh",
+        )
+        return {
+            "checkpoint": str(self.parent.path.resolve()),
+            "step": self.parent.step,
+            "optimizer": "kept" if keep else "fresh",
+            "config": self.parent.config,
+        }
 
     def _make_probe(self, images: torch.Tensor) -> RunProbes:
         c = self.cfg.curvature
@@ -360,7 +433,7 @@ class Trainer:
             unit="step",
             disable=not (cfg.train.progress and self.acc.is_main_process),
         )
-        wall_start, train_seconds, images_seen = time.perf_counter(), 0.0, 0
+        self.wall_start, self.train_seconds, self.images_seen = time.perf_counter(), 0.0, 0
         window = Window.new(self.device)
         last: dict[str, float] = {}
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
@@ -376,8 +449,8 @@ class Trainer:
                     done = step + 1
                     if done % cfg.train.log_every == 0 or done == total:
                         last, seconds = self._log(done, window)
-                        train_seconds += seconds
-                        images_seen += window.steps * cfg.train.batch_size * self.acc.num_processes
+                        self.train_seconds += seconds
+                        self.images_seen += self._images(window)
                         self._show(bar, done, last)
                         window = self.window = Window.new(self.device)
                     for due, job in periodic:
@@ -395,19 +468,22 @@ class Trainer:
                     "stopped": str(err),
                 }
         bar.close()
+        progress = self._progress(status.get("step", total))
         summary = {
             **last,
             "step": total,
             "preempted": False,
             "diverged": False,
             "experiment": cfg.experiment,
-            "wall_time_s": time.perf_counter() - wall_start,
-            "train_time_s": train_seconds,
-            "images_per_sec": images_seen / train_seconds if train_seconds else None,
+            **progress,
+            "images_per_sec": (
+                progress["images"] / progress["train_time_s"] if progress["train_time_s"] else None
+            ),
             "params": self.n_params,
             "flops_per_step": self.step_flops * self.acc.num_processes,
             "device": str(self.device),
             "processes": self.acc.num_processes,
+            **({"fid_provenance": self._fid_provenance()} if self.fid is not None else {}),
             **status,
         }
         self.metrics.close()
@@ -423,6 +499,31 @@ class Trainer:
             raise stop
         self.acc.wait_for_everyone()
         return summary
+
+    def _images(self, w: Window) -> int:
+        return w.steps * self.cfg.train.batch_size * self.acc.num_processes
+
+    def _progress(self, step: int) -> dict:
+        """The whole run's time, images and segments up to ``step``: the resumed
+        checkpoint's record plus this segment, including the steps of the open log
+        window (a checkpoint between logs loses none of them)."""
+        before = self.resumed.progress if self.resumed is not None else {}
+        w = self.window
+        train_s = self.train_seconds + time.perf_counter() - w.start - w.excluded
+        images = self.images_seen + self._images(w)
+        seconds = time.perf_counter() - self.wall_start
+        segment = {
+            "start_step": self.start_step,
+            "end_step": step,
+            "seconds": seconds,
+            "host": socket.gethostname(),
+        }
+        return {
+            "wall_time_s": before.get("wall_time_s", 0.0) + seconds,
+            "train_time_s": before.get("train_time_s", 0.0) + train_s,
+            "images": before.get("images", 0) + images,
+            "segments": [*before.get("segments", []), segment],
+        }
 
     def _timed_step(self, step: int):
         if not (self.compiled and step == self.start_step):
@@ -587,6 +688,18 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
 
+    def _fid_provenance(self) -> dict:
+        """How this run's FIDs were computed (the report compares only equal ones)."""
+        e = self.cfg.eval
+        return {
+            **self.fid.provenance,
+            "sampler": e.sampler,
+            "nfe": e.nfe,
+            "milestone_samples": e.milestone_samples,
+            "final_samples": e.final_samples,
+            "seed": e.seed,
+        }
+
     def _milestone_fid(self, step: int) -> None:
         self._fid(step, self.cfg.eval.milestone_samples, "val/fid_milestone")
 
@@ -640,7 +753,9 @@ class Trainer:
                 self.ema,
                 self.opt,
                 self.acc.scaler,
-                self.cfg,
+                self.config_text,
+                self.acc.num_processes,
+                self._progress(step),
             )
             for old in checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
                 old.unlink()

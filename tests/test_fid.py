@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from fastdiff.config import compose, to_config
+from fastdiff.config import ConfigError, compose, to_config
 from fastdiff.diffusion import Schedule
 from fastdiff.fid import (
     FIDEvaluator,
@@ -26,8 +26,7 @@ from fastdiff.trainer import training_loop
 from tests.conftest import tiny
 
 
-@pytest.fixture(scope="session")
-def inception_weights(tmp_path_factory):
+def random_inception_weights(path, seed):
     """A weights file saved from a freshly initialised torch-fidelity Inception module
     (the real weights cannot be downloaded here); the loading code is the real one."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
@@ -36,11 +35,15 @@ def inception_weights(tmp_path_factory):
         mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
         mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
     ):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         module = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
     torch.save(module.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth", 0)
 
 
 def images(n, seed):
@@ -184,6 +187,14 @@ def test_training_logs_milestone_and_final_fid(inception_weights, tmp_path):
     (final,) = [r for r in rows if "eval/final/fid" in r]
     assert final["step"] == 6 and np.isfinite(final["eval/final/fid"])
     assert "eval/final/kid_mean" in final
+    import hashlib
+
+    provenance = json.loads((run_dir / "summary.json").read_text())["fid_provenance"]
+    assert (
+        provenance["weights_sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
+    )
+    assert provenance["reference"]["count"] == 12
+    assert (provenance["sampler"], provenance["nfe"], provenance["final_samples"]) == ("ddpm", 2, 6)
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         "grid_0000003.png",
         "grid_0000006.png",
@@ -224,3 +235,96 @@ def test_auto_mode_without_weights_trains_and_says_fid_is_off(tmp_path, monkeypa
             summary = training_loop(cfg)
     assert summary["step"] == 6
     assert sum("FID off" in r.message for r in caplog.records) == 1
+
+
+def test_reference_statistics_do_not_go_stale_when_the_weights_change(
+    inception_weights, features_ab, tmp_path
+):
+    """Weights A, then B, against the same data and cache dir: B must be scored against
+    B's reference features, never A's cached ones."""
+    a, b, _, _ = features_ab
+    other = random_inception_weights(tmp_path / "b.pth", seed=1)
+    shared = str(tmp_path / "shared")
+    FIDEvaluator(b, "same-data", inception_weights, cache_dir=shared)(a)  # caches under A
+    after_a = FIDEvaluator(b, "same-data", other, cache_dir=shared)(a)["fid"]
+    fresh = FIDEvaluator(b, "same-data", other, cache_dir=str(tmp_path / "fresh"))(a)["fid"]
+    assert after_a == pytest.approx(fresh, rel=1e-9)
+    assert after_a == pytest.approx(frechet(features(other, a), features(other, b)), rel=2e-2)
+
+
+def test_cache_name_holds_every_input_of_the_features(inception_weights, features_ab, tmp_path):
+    import torch_fidelity
+
+    _, b, _, _ = features_ab
+    name = FIDEvaluator(b, "d", inception_weights, cache_dir=str(tmp_path)).cache_name
+    assert FIDEvaluator(b, "d", inception_weights, cache_dir=str(tmp_path)).cache_name == name
+    assert FIDEvaluator(b[:6], "d", inception_weights).cache_name != name  # count
+    assert FIDEvaluator(b, "e", inception_weights).cache_name != name  # data
+    with mock.patch.object(torch_fidelity, "__version__", "9.9.9"):
+        assert FIDEvaluator(b, "d", inception_weights).cache_name != name
+    with mock.patch("fastdiff.fid.RESIZE", "other-resize"):
+        assert FIDEvaluator(b, "d", inception_weights).cache_name != name
+
+
+def test_provenance_records_weights_hash_version_and_reference(inception_weights, tmp_path):
+    import hashlib
+
+    import torch_fidelity
+
+    ref = images(5, 3)
+    p = FIDEvaluator(ref, "abc", inception_weights).provenance
+    assert p["weights_sha256"] == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
+    assert p["torch_fidelity"] == torch_fidelity.__version__
+    assert p["reference"] == {"data_sha256": "abc", "count": 5}
+    assert (p["extractor"], p["layer"]) == ("inception-v3-compat", "2048")
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    p = FIDEvaluator(ref, "abc", inception_weights, stats_path=str(stats)).provenance
+    assert p["reference"] == {
+        "stats_file": str(stats),
+        "stats_sha256": hashlib.sha256(stats.read_bytes()).hexdigest(),
+    }
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: np.savez(p, m=np.zeros(2048), s=np.eye(2048)), "keys \\['m', 's'\\], not mu"),
+        (lambda p: np.savez(p, mu=np.zeros(64), sigma=np.eye(64)), "2048-dimensional"),
+        (lambda p: p.write_bytes(b"garbage"), "cannot be read as .npz"),
+    ],
+)
+def test_a_bad_statistics_file_is_one_line_at_start_up(tmp_path, make, message, capsys):
+    from fastdiff.train import main
+
+    stats = tmp_path / "stats.npz"
+    make(stats)
+    with pytest.raises(ConfigError, match=message):
+        to_config(compose(tiny(tmp_path, f"eval.fid.stats_path={stats}")))
+    assert main(tiny(tmp_path / "runs", f"eval.fid.stats_path={stats}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(stats) in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_standard_stats_layouts_are_accepted(tmp_path):
+    """pytorch-fid writes savez_compressed(mu=, sigma=); TTUR's files are plain savez."""
+    for save in (np.savez, np.savez_compressed):
+        stats = tmp_path / f"{save.__name__}.npz"
+        save(stats, mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32))
+        cfg = to_config(compose(tiny(tmp_path, f"eval.fid.stats_path={stats}")))
+        assert cfg.eval.fid.stats_path == str(stats)
+
+
+@pytest.mark.parametrize("enabled", ["null", "false", "true"])
+def test_a_missing_weights_file_is_an_error_whatever_enabled_says(tmp_path, enabled, capsys):
+    from fastdiff.train import main
+
+    missing = tmp_path / "no-such-inception.pth"
+    overrides = [o for o in tiny(tmp_path / "runs") if not o.startswith("eval.fid")]
+    assert (
+        main([*overrides, f"eval.fid.enabled={enabled}", f"eval.fid.weights_path={missing}"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "does not exist" in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -151,7 +151,9 @@ def test_nan_is_skipped_without_touching_the_weights(tmp_path, monkeypatch):
 
 def test_checkpoint_from_another_model_is_one_clear_error(tmp_path):
     run(tmp_path / "a", "train.total_steps=3")
-    with pytest.raises(ConfigError, match="model.base_channels=16, this run has 24"):
+    with pytest.raises(
+        ConfigError, match=r"weights of another shape: model.base_channels=16 \(this run: 24\)"
+    ):
         run(tmp_path / "b", "model.base_channels=24", f"train.resume={only_run(tmp_path / 'a')}")
 
 

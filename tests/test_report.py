@@ -224,3 +224,44 @@ def test_smoke_study_end_to_end(tmp_path):
     assert "e9a (cosine β, uniform)" in report and "e9b (cosine β, Min-SNR γ=5)" in report
     assert "not evaluable" in report  # no FID in these runs
     assert (tmp_path / "study" / "report" / "curvature.png").exists()
+
+
+def _with_provenance(run, **changes):
+    provenance = {
+        "extractor": "inception-v3-compat",
+        "layer": "2048",
+        "resize": "tf1x-bilinear-299",
+        "weights_sha256": "a" * 64,
+        "torch_fidelity": "0.4.0",
+        "reference": {"data_sha256": "d" * 16, "count": 50000},
+        "sampler": "ddpm",
+        "nfe": 50,
+        "milestone_samples": 5000,
+        "final_samples": 10000,
+        "seed": 0,
+    }
+    summary = {**run.summary, "fid_provenance": {**provenance, **changes}}
+    (run.path / "summary.json").write_text(json.dumps(summary))
+    return Run.load(run.path)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"weights_sha256": "b" * 64}, "weights_sha256"),
+        ({"reference": {"stats_file": "ref.npz", "stats_sha256": "e" * 64}}, "reference"),
+        ({"nfe": 20}, "nfe"),
+    ],
+)
+def test_fids_of_different_provenance_are_not_compared(tmp_path, change, named):
+    base = _with_provenance(make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0))
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=10.5)
+    same = _with_provenance(treat)
+    assert fid_ratio(base, same, "final").status == PASS
+    assert all(c.status == PASS for c in fid_band(base, same)[:1])
+    other = _with_provenance(treat, **change)
+    for crit in [fid_ratio(base, other, "final"), *fid_band(base, other)]:
+        assert crit.status == NA
+        assert "FIDs computed against different references" in crit.detail and named in crit.detail
+    text = write_report([base, other], tmp_path / "out", "e9").read_text()
+    assert "## How FID was computed" in text and "torch-fidelity 0.4.0" in text

@@ -26,6 +26,26 @@ def test_respace_spacing_and_marginals():
     torch.testing.assert_close(ac, full[timesteps])
 
 
+@pytest.mark.parametrize("nfe", [1, 2, 3, 7])
+def test_every_respaced_chain_starts_at_T_minus_1(nfe):
+    timesteps, _ = respace(Schedule.make("linear", 1000), nfe)
+    assert timesteps[-1].item() == 999 and len(timesteps) == nfe
+    assert timesteps.unique().numel() == nfe
+
+
+@pytest.mark.parametrize("sampler", [ddpm_sample, ddim_sample])
+def test_a_one_step_chain_calls_the_model_at_T_minus_1(sampler):
+    sched = Schedule.make("linear", 1000)
+    target = torch.full((1, 3, 4, 4), 0.3)
+    model = Oracle(target, sched.alphas_cumprod)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[1].tolist()))
+    x = sampler(model, (2, 3, 4, 4), sched, 1, torch.Generator().manual_seed(0))
+    assert seen == [[999, 999]]
+    # the oracle's x̂0 from t = T−1 is the point itself, not the clipped starting noise
+    torch.testing.assert_close(x, target.expand(2, -1, -1, -1), atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("nfe", [0, 1001])
 def test_respace_rejects_bad_nfe(nfe):
     with pytest.raises(ValueError, match="nfe"):

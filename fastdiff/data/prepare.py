@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fastdiff.data.sources import CIFAR_HELP, CIFAR_TRAIN_BATCHES, load_cifar10
+from fastdiff.data.sources import CIFAR_TRAIN_BATCHES, cifar_help, load_cifar10
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 MANIFEST = "manifest.json"
@@ -40,7 +40,7 @@ def png_bytes(image_hwc: np.ndarray) -> bytes:
 
 def cifar10_samples(src: Path, split: str):
     names = CIFAR_TRAIN_BATCHES if split == "train" else ["test_batch"]
-    images, labels = load_cifar10(src, names)
+    images, labels = load_cifar10(src, names, option=f"--src {src}")
     classes = _cifar_classes(src)
     return (
         len(images),
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if fmt == "cifar10":
             if not args.src.exists():
                 raise FileNotFoundError(
-                    f"{args.src} not found: {CIFAR_HELP}, then run "
+                    f"{args.src} not found: {cifar_help('--src FILE')}, then run "
                     f"python -m fastdiff.data.prepare cifar10 --src "
                     f"cifar-10-python.tar.gz --out {args.out}"
                 )

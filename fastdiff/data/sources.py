@@ -17,10 +17,14 @@ import torch
 import torch.nn.functional as F
 
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
-CIFAR_HELP = (
-    "download the python version of CIFAR-10 (cifar-10-python.tar.gz) from "
-    "https://www.cs.toronto.edu/~kriz/cifar.html and pass data.path=FILE_OR_FOLDER"
-)
+
+
+def cifar_help(option: str = "data.path=FILE_OR_FOLDER") -> str:
+    """Where CIFAR-10 comes from, ending with the option the user passes it by."""
+    return (
+        "download the python version of CIFAR-10 (cifar-10-python.tar.gz) from "
+        f"https://www.cs.toronto.edu/~kriz/cifar.html and pass {option}"
+    )
 
 
 def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,36 +37,40 @@ def load_digits(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(bunch.target).long()
 
 
-def _read_cifar_batches(path: Path, names: list[str]) -> list[dict]:
+def _read_cifar_batches(path: Path, names: list[str], option: str | None = None) -> list[dict]:
     """Unpickle CIFAR batches from the extracted folder or straight from the .tar.gz."""
+    help_ = cifar_help(*([option] if option else []))
     if path.is_dir():
         folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{folder} has no CIFAR-10 batch {missing[0]}: {CIFAR_HELP}")
+            raise FileNotFoundError(f"{folder} has no CIFAR-10 batch {missing[0]}: {help_}")
         return [pickle.loads((folder / n).read_bytes(), encoding="bytes") for n in names]
     try:
         with tarfile.open(path, "r:*") as tar:
             members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             missing = [n for n in names if n not in members]
             if missing:
-                raise FileNotFoundError(f"{path} has no CIFAR-10 batch {missing[0]}: {CIFAR_HELP}")
+                raise FileNotFoundError(f"{path} has no CIFAR-10 batch {missing[0]}: {help_}")
             return [
                 pickle.loads(tar.extractfile(members[n]).read(), encoding="bytes") for n in names
             ]
-    except tarfile.TarError as err:
+    except tarfile.TarError:
         raise FileNotFoundError(
-            f"{path} is not a readable CIFAR-10 archive ({err}): {CIFAR_HELP}"
+            f"{path} is not a readable CIFAR-10 archive (not a tar file, or a damaged one): {help_}"
         ) from None
 
 
 def load_cifar10(
-    path: str | Path, names: list[str] = CIFAR_TRAIN_BATCHES
+    path: str | Path, names: list[str] = CIFAR_TRAIN_BATCHES, option: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``option``: how the user named ``path`` (default data.path), for the error lines."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"CIFAR-10 not found at {path}: {CIFAR_HELP}")
-    batches = _read_cifar_batches(path, names)
+        raise FileNotFoundError(
+            f"CIFAR-10 not found at {path}: {cifar_help(*filter(None, [option]))}"
+        )
+    batches = _read_cifar_batches(path, names, option)
     data = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([np.asarray(b[b"labels"]) for b in batches])
     return torch.from_numpy(np.ascontiguousarray(data)), torch.from_numpy(labels).long()

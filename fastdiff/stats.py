@@ -1,0 +1,156 @@
+"""Intervals and three-way verdicts for a card's criteria.
+
+A criterion compares an estimate with a threshold. Its 95% interval comes from the
+seeds when there are several (a paired t-interval over the per-seed values: the two
+arms of one seed share data order, timesteps, noise and init, so their difference
+is what varies) and from the run's own uncertainty otherwise (a normal interval from
+the standard error: probe standard errors, bootstrap over FID samples). A criterion
+
+- passes when the whole interval lies on the pass side of the threshold,
+- fails when the whole interval lies on the fail side,
+- is inconclusive otherwise, with a rough count of the seeds that would decide it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats as sps
+
+PASS, FAIL, INCONCLUSIVE, NA = "pass", "fail", "inconclusive", "not evaluable"
+LEVEL = 0.95
+
+
+@dataclass
+class Measure:
+    """One seed pair's value of a criterion and its within-run standard error."""
+
+    value: float
+    se: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Interval:
+    estimate: float
+    lo: float
+    hi: float
+    method: str  # "seeds (paired t)" or "within run"
+    values: list[float] = field(default_factory=list)
+    sd: float | None = None  # the spread the interval came from (seeds) or the SE (within)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+def t_interval(values, level: float = LEVEL) -> tuple[float, float, float, float]:
+    """(mean, lo, hi, sd): the Student-t interval of the mean of ``values`` (n ≥ 2)."""
+    x = np.asarray(values, float)
+    n = len(x)
+    mean, sd = float(x.mean()), float(x.std(ddof=1))
+    half = sps.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, sd
+
+
+def normal_interval(value: float, se: float, level: float = LEVEL) -> tuple[float, float]:
+    z = sps.norm.ppf(0.5 + level / 2)
+    return value - z * se, value + z * se
+
+
+def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
+    """Over seeds when there are several; else from the one run's standard error
+    (an unknown SE gives a point, which never straddles: say so in the detail)."""
+    if not measures:
+        return None
+    values = [m.value for m in measures]
+    if len(values) >= 2:
+        mean, lo, hi, sd = t_interval(values, level)
+        return Interval(mean, lo, hi, "seeds (paired t)", values, sd)
+    (m,) = measures
+    se = m.se if m.se is not None and math.isfinite(m.se) else 0.0
+    lo, hi = normal_interval(m.value, se, level)
+    return Interval(m.value, lo, hi, "within run", values, se)
+
+
+def verdict(iv: Interval | None, threshold: float, pass_below: bool) -> str:
+    """PASS / FAIL / INCONCLUSIVE for "estimate ≤ threshold passes" (``pass_below``) or
+    "estimate ≥ threshold passes". The threshold itself counts as the pass side."""
+    if iv is None or not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+        return NA
+    lo, hi = (iv.lo, iv.hi) if pass_below else (-iv.hi, -iv.lo)
+    thr = threshold if pass_below else -threshold
+    if hi <= thr:
+        return PASS
+    if lo > thr:
+        return FAIL
+    return INCONCLUSIVE
+
+
+def seeds_needed(iv: Interval, threshold: float, level: float = LEVEL, most: int = 1000) -> int:
+    """Roughly how many seeds the observed spread needs for the interval to clear the
+    threshold (the t-interval's half-width below |estimate − threshold|)."""
+    gap = abs(iv.estimate - threshold)
+    sd = iv.sd or 0.0
+    if iv.method != "seeds (paired t)":
+        sd = sd * math.sqrt(max(iv.n, 1))  # one run's SE stands in for a seed's spread
+    if gap == 0:
+        return most
+    for n in range(2, most):
+        if sps.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < gap:
+            return n
+    return most
+
+
+# ------------------------------------------------------------------------- FID
+def sqrt_psd(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a positive semi-definite matrix (eigh, clipped at 0)."""
+    w, v = np.linalg.eigh(sigma)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_from_features(
+    features: np.ndarray, mu_ref: np.ndarray, sqrt_sigma_ref: np.ndarray, tr_sigma_ref: float
+) -> float:
+    """FID of feature rows (n, D) against reference statistics, given √Σ_ref:
+    ‖μ − μ_ref‖² + tr Σ + tr Σ_ref − 2 tr (√Σ_ref Σ √Σ_ref)^½. The last trace is the sum
+    of the square roots of the eigenvalues of YᵀY/(n−1), Y = (X − μ)√Σ_ref, which are
+    those of the (n, n) Gram matrix YYᵀ/(n−1) when n < D."""
+    n = len(features)
+    mu = features.mean(0)
+    xc = features - mu
+    y = xc @ sqrt_sigma_ref
+    small = y @ y.T if n < y.shape[1] else y.T @ y
+    eig = np.clip(np.linalg.eigvalsh(small / (n - 1)), 0, None)
+    tr_sigma = float((xc * xc).sum() / (n - 1))
+    return float(((mu - mu_ref) ** 2).sum() + tr_sigma + tr_sigma_ref - 2 * np.sqrt(eig).sum())
+
+
+def bootstrap_fid(
+    features: np.ndarray,
+    mu_ref: np.ndarray,
+    sigma_ref: np.ndarray,
+    resamples: int = 100,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, float]:
+    """FID of the generated features and its bootstrap over them: the samples are
+    redrawn with replacement, the reference statistics held fixed. The interval is the
+    basic bootstrap one (2·FID − upper and lower quantiles), which corrects the
+    plug-in estimator's upward bias to first order; ``se`` is the resamples' std."""
+    features = np.asarray(features, np.float64)
+    root = sqrt_psd(np.asarray(sigma_ref, np.float64))
+    tr_ref = float(np.trace(sigma_ref))
+    fid = frechet_from_features(features, mu_ref, root, tr_ref)
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    boots = np.array(
+        [
+            frechet_from_features(features[rng.integers(0, n, n)], mu_ref, root, tr_ref)
+            for _ in range(resamples)
+        ]
+    )
+    q_lo, q_hi = np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2])
+    return {"fid": fid, "lo": 2 * fid - q_hi, "hi": 2 * fid - q_lo, "se": float(boots.std(ddof=1))}
