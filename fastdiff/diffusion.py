@@ -125,3 +125,15 @@ def eps_loss(
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     eps_pred = model(x_t, t)
     return eps_mse(eps_pred, noise, weights.to(x0.device)[t])
+
+
+def t_bin_edges(T: int, bins: int) -> list[int]:
+    """Edges of ``bins`` equal-width timestep bins over [0, T): bin i holds the t with
+    t·bins // T == i, which are edges[i] ≤ t < edges[i+1]."""
+    return [-(-T * i // bins) for i in range(bins + 1)]
+
+
+def t_bin_names(T: int, bins: int) -> list[str]:
+    """``t{lo}-{hi}`` (inclusive) per bin, the suffix of the per-timestep metric names."""
+    edges = t_bin_edges(T, bins)
+    return [f"t{lo}-{hi - 1}" for lo, hi in zip(edges, edges[1:])]

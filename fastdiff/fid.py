@@ -37,6 +37,7 @@ from fastdiff.diffusion import Schedule
 from fastdiff.hostmem import reuse_freed_memory
 from fastdiff.sampling import SAMPLERS, to_uint8
 from fastdiff.seeding import stream_generator
+from fastdiff.stats import bootstrap_fid
 
 log = logging.getLogger("fastdiff")
 
@@ -232,51 +233,99 @@ class FIDEvaluator:
         self.cache_dir = cache_dir or os.path.join(Path.home(), ".cache", "fastdiff", "fid")
         self.cuda = torch.device(device).type == "cuda"
         self.batch_size = batch_size
+        self._feature_extractor = None
 
-    def __call__(self, samples: torch.Tensor) -> dict[str, float]:
-        import torch_fidelity
+    def _extractor(self):
+        if self._feature_extractor is None:
+            from torch_fidelity.utils import create_feature_extractor
 
-        kwargs = dict(
+            self._feature_extractor = create_feature_extractor(
+                EXTRACTOR,
+                [FEATURE_LAYER],
+                cuda=self.cuda,
+                feature_extractor_weights_path=str(self.weights),
+                verbose=False,
+            )
+        return self._feature_extractor
+
+    def _kwargs(self) -> dict:
+        return dict(
             cuda=self.cuda,
             batch_size=self.batch_size,
             verbose=False,
-            feature_extractor=EXTRACTOR,
-            feature_layer_fid=FEATURE_LAYER,
-            feature_extractor_weights_path=str(self.weights),
-            cache_root=self.cache_dir,
             save_cpu_ram=True,
+            cache_root=self.cache_dir,
         )
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """Pool3 features (N, 2048) of uint8 (N, 3, H, W) images, through torch-fidelity."""
+        from torch_fidelity.utils import extract_featuresdict_from_input_id
+
+        out = extract_featuresdict_from_input_id(
+            1, self._extractor(), input1=UInt8Images(samples), **self._kwargs()
+        )
+        return out[FEATURE_LAYER]
+
+    def _reference(self) -> tuple[torch.Tensor | None, dict[str, np.ndarray]]:
+        """The reference features (None with a statistics file) and statistics, computed
+        once and cached under :attr:`cache_name`."""
         if self.stats_path is not None:
-            return self._against_stats(samples, kwargs)
-        n = min(len(samples), len(self.reference))
-        metrics = torch_fidelity.calculate_metrics(
-            input1=UInt8Images(samples),
-            input2=self.reference,
-            input2_cache_name=self.cache_name,
-            fid=True,
-            kid=True,
-            kid_subset_size=min(1000, n),
-            kid_subsets=100,
-            **kwargs,
-        )
-        return {
-            "fid": metrics["frechet_inception_distance"],
-            "kid_mean": metrics["kernel_inception_distance_mean"],
-            "kid_std": metrics["kernel_inception_distance_std"],
-        }
+            return None, self.ref_stats
+        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached
+        from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
 
-    def _against_stats(self, samples: torch.Tensor, kwargs: dict) -> dict[str, float]:
-        from torch_fidelity.metric_fid import fid_input_id_to_statistics, fid_statistics_to_metric
-        from torch_fidelity.utils import create_feature_extractor
-
-        extractor = create_feature_extractor(EXTRACTOR, [FEATURE_LAYER], **kwargs)
-        stats = fid_input_id_to_statistics(
-            1, extractor, FEATURE_LAYER, input1=UInt8Images(samples), **kwargs
+        kwargs = dict(input2=self.reference, input2_cache_name=self.cache_name, **self._kwargs())
+        feats = extract_featuresdict_from_input_id_cached(2, self._extractor(), **kwargs)
+        stats = fid_featuresdict_to_statistics_cached(
+            feats, self.cache_name, self._extractor(), FEATURE_LAYER, **kwargs
         )
-        ref_stats = {k: v.astype(stats[k].dtype) for k, v in self.ref_stats.items()}
-        return {
+        return feats[FEATURE_LAYER], stats
+
+    def __call__(
+        self, samples: torch.Tensor, bootstrap: int = 0, prc: bool = False, seed: int = 0
+    ) -> dict[str, float]:
+        """FID (torch-fidelity's), KID mean and std, and on request a bootstrap interval
+        of the FID over the samples (``fid_lo``, ``fid_hi``, ``fid_se``) and precision /
+        recall: all from one extraction of the samples' features."""
+        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import prc_features_to_metric
+
+        feats = self.features(samples)
+        ref_feats, ref_stats = self._reference()
+        stats = fid_features_to_statistics(feats)
+        ref_stats = {k: np.asarray(v).astype(stats[k].dtype) for k, v in ref_stats.items()}
+        out = {
             "fid": fid_statistics_to_metric(stats, ref_stats, False)["frechet_inception_distance"]
         }
+        if ref_feats is not None:
+            kid = kid_features_to_metric(
+                feats,
+                ref_feats,
+                kid_subsets=100,
+                kid_subset_size=min(1000, len(feats), len(ref_feats)),
+                rng_seed=seed,
+                verbose=False,
+            )
+            out["kid_mean"] = kid["kernel_inception_distance_mean"]
+            out["kid_std"] = kid["kernel_inception_distance_std"]
+            if prc:
+                pr = prc_features_to_metric(
+                    feats,
+                    ref_feats,
+                    prc_neighborhood=3,
+                    prc_batch_size=10000,
+                    save_cpu_ram=True,
+                    verbose=False,
+                )
+                out["precision"] = pr["precision"]
+                out["recall"] = pr["recall"]
+        if bootstrap:
+            boot = bootstrap_fid(
+                feats.double().numpy(), ref_stats["mu"], ref_stats["sigma"], bootstrap, seed
+            )
+            out |= {"fid_lo": boot["lo"], "fid_hi": boot["hi"], "fid_se": boot["se"]}
+        return out
 
 
 def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None:

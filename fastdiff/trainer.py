@@ -35,7 +35,7 @@ from fastdiff.checkpoint import (
 from fastdiff.config import Config, ConfigError, flat
 from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
-from fastdiff.diffusion import Schedule, eps_loss, q_sample
+from fastdiff.diffusion import Schedule, eps_loss, q_sample, t_bin_names
 from fastdiff.ema import EMA
 from fastdiff.fid import FIDEvaluator, build_evaluator, generate, shard_of
 from fastdiff.flat import Handover, backs, flatten_
@@ -132,21 +132,29 @@ class Window:
     grad_norm: torch.Tensor
     bad: torch.Tensor
     first_bad: torch.Tensor
+    by_t: torch.Tensor  # (3, bins): weighted loss, unweighted ε-MSE and count per t-bin
+    bins: int = 0
+    T: int = 1
     steps: int = 0
     start: float = field(default_factory=time.perf_counter)
     excluded: float = 0.0  # seconds of periodic work inside the window
 
     @classmethod
-    def new(cls, device) -> Window:
+    def new(cls, device, bins: int = 0, T: int = 1) -> Window:
         zeros = [torch.zeros((), device=device) for _ in range(4)]
-        return cls(*zeros, torch.full((), float("inf"), device=device))
+        inf = torch.full((), float("inf"), device=device)
+        return cls(*zeros, inf, torch.zeros((3, bins), device=device), bins, T)
 
-    def add(self, step: int, loss, mse, grad_norm, finite: torch.Tensor) -> None:
+    def add(self, step: int, loss, mse, grad_norm, finite, t, per_sample, per_sample_mse) -> None:
         self.loss += torch.where(finite, loss, 0.0)
         self.mse += torch.where(finite, mse, 0.0)
         self.grad_norm += torch.where(finite, grad_norm, 0.0)
         self.bad += (~finite).float()
         self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step + 1))
+        if self.bins:  # per-timestep sums (fastdiff.diffusion.t_bin_edges), on the device
+            rows = torch.stack([per_sample, per_sample_mse, torch.ones_like(per_sample)])
+            rows = torch.where(finite, rows.float(), 0.0)
+            self.by_t.index_add_(1, t * self.bins // self.T, rows)
         self.steps += 1
 
 
@@ -391,8 +399,17 @@ class Trainer:
             self.opt.optimizer.found_inf = (~finite).float()
         self.opt.step()  # (no zero_grad: the next backward's gradients are handed over)
         self.ema.update(self.module)
-        mse = (per_sample.detach() / self.weights[t]).mean()
-        return loss.detach(), mse, grad_norm.detach().float(), finite
+        per_sample = per_sample.detach()
+        per_sample_mse = per_sample / self.weights[t]
+        return (
+            loss.detach(),
+            per_sample_mse.mean(),
+            grad_norm.detach().float(),
+            finite,
+            t,
+            per_sample,
+            per_sample_mse,
+        )
 
     def _clip(self, max_norm: float) -> torch.Tensor:
         """The gradient's global norm (before clipping), and clipping to ``max_norm``
@@ -434,7 +451,7 @@ class Trainer:
             disable=not (cfg.train.progress and self.acc.is_main_process),
         )
         self.wall_start, self.train_seconds, self.images_seen = time.perf_counter(), 0.0, 0
-        window = Window.new(self.device)
+        window = self._new_window()
         last: dict[str, float] = {}
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.weights.mean().item()})
@@ -452,7 +469,7 @@ class Trainer:
                         self.train_seconds += seconds
                         self.images_seen += self._images(window)
                         self._show(bar, done, last)
-                        window = self.window = Window.new(self.device)
+                        window = self.window = self._new_window()
                     for due, job in periodic:
                         if due(done):
                             t0 = time.perf_counter()
@@ -499,6 +516,9 @@ class Trainer:
             raise stop
         self.acc.wait_for_everyone()
         return summary
+
+    def _new_window(self) -> Window:
+        return Window.new(self.device, self.cfg.train.loss_bins, self.cfg.diffusion.T)
 
     def _images(self, w: Window) -> int:
         return w.steps * self.cfg.train.batch_size * self.acc.num_processes
@@ -624,9 +644,10 @@ class Trainer:
 
     # -------------------------------------------------------- periodic work
     def _log(self, step: int, w: Window) -> tuple[dict[str, float], float]:
-        sums = torch.stack([w.loss, w.mse, w.grad_norm, w.bad])
-        sums = self.acc.reduce(sums, reduction="sum")  # the host sync of this window
-        loss, mse, grad_norm, bad = sums.tolist()
+        sums = torch.cat([torch.stack([w.loss, w.mse, w.grad_norm, w.bad]), w.by_t.flatten()])
+        sums = self.acc.reduce(sums, reduction="sum").tolist()  # the host sync of this window
+        loss, mse, grad_norm, bad = sums[:4]
+        by_t = [sums[4 + i * w.bins : 4 + (i + 1) * w.bins] for i in range(3)]
         if bad and self.cfg.train.on_nonfinite == "stop":
             self._check_finite(step)
         good = max(w.steps * self.acc.num_processes - bad, 1)  # bad is summed over ranks
@@ -643,13 +664,17 @@ class Trainer:
             "perf/tflops": self.step_flops * w.steps * self.acc.num_processes / seconds / 1e12,
             "data/skipped": self._total_skipped(),
         }
+        for name, wsum, msum, count in zip(t_bin_names(w.T, w.bins), *by_t):
+            if count:  # (an empty bin logs nothing rather than 0/0)
+                metrics[f"train/loss_by_t/{name}"] = wsum / count
+                metrics[f"train/mse_unweighted_by_t/{name}"] = msum / count
         if self.peak_flops:  # model FLOP utilisation, against every process's peak
             peak = self.peak_flops * self.acc.num_processes / 1e12
             metrics["perf/mfu"] = metrics["perf/tflops"] / peak
         self.metrics.log(step, metrics)
         return metrics, seconds
 
-    def _fid(self, step: int, n: int, prefix: str) -> None:
+    def _fid(self, step: int, n: int, prefix: str, final: bool = False) -> None:
         """FID/KID of n EMA samples; every rank samples its share, the main process scores."""
         e = self.cfg.eval
         start = time.perf_counter()
@@ -667,7 +692,11 @@ class Trainer:
         if self.acc.num_processes > 1:
             samples = torch.cat(gather_object([samples]))
         if self.acc.is_main_process:
-            scores = self.fid(samples)
+            # The final score carries its bootstrap interval and precision/recall
+            # (collapse shows as low recall); milestones only track the trend.
+            scores = self.fid(
+                samples, bootstrap=e.fid.bootstrap if final else 0, prc=final, seed=e.seed
+            )
             self.metrics.log(
                 step,
                 {
@@ -704,7 +733,7 @@ class Trainer:
         self._fid(step, self.cfg.eval.milestone_samples, "val/fid_milestone")
 
     def _final_fid(self, step: int) -> None:
-        self._fid(step, self.cfg.eval.final_samples, "eval/final")
+        self._fid(step, self.cfg.eval.final_samples, "eval/final", final=True)
 
     def _total_skipped(self) -> int:
         """Unreadable samples skipped so far, over all ranks."""

@@ -196,3 +196,39 @@ if __name__ == "__main__":
         losses = [r["train/loss"] for r in read_metrics(rd) if "train/loss" in r]
     GOLDEN.write_text(json.dumps({"overrides": GOLDEN_OVERRIDES, "losses": losses}, indent=1))
     print(f"wrote {len(losses)} losses to {GOLDEN}")
+
+
+def test_loss_by_timestep_bin_equals_a_host_side_recomputation(tmp_path, monkeypatch):
+    seen = []
+    real = trainer_mod.eps_loss
+
+    def spy(model, x0, t, noise, ac, weights):
+        out = real(model, x0, t, noise, ac, weights)
+        seen.append((t.clone(), out.detach().clone(), weights[t].clone()))
+        return out
+
+    monkeypatch.setattr(trainer_mod, "eps_loss", spy)
+    bins = 4
+    _, run_dir = run(
+        tmp_path,
+        "loss=minsnr",
+        "train.batch_size=16",  # 48 samples over 3 steps: every bin gets some
+        "train.total_steps=3",
+        "train.log_every=3",
+        f"train.loss_bins={bins}",
+    )
+    (row,) = [r for r in read_metrics(run_dir) if "train/loss" in r]
+    t = torch.cat([s[0] for s in seen])
+    weighted = torch.cat([s[1] for s in seen]).double()
+    unweighted = weighted / torch.cat([s[2] for s in seen]).double()
+    for lo, hi in [(0, 249), (250, 499), (500, 749), (750, 999)]:
+        inside = (t >= lo) & (t <= hi)
+        assert inside.any()
+        name = f"t{lo}-{hi}"
+        assert row[f"train/loss_by_t/{name}"] == pytest.approx(
+            weighted[inside].mean().item(), rel=1e-5
+        )
+        assert row[f"train/mse_unweighted_by_t/{name}"] == pytest.approx(
+            unweighted[inside].mean().item(), rel=1e-5
+        )
+    assert sum(k.startswith("train/loss_by_t/") for k in row) == bins
