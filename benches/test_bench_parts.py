@@ -110,6 +110,41 @@ def test_hutchinson_probe(benchmark, trained_layout, method):
     benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1, warmup_rounds=WARM)
 
 
+def test_hutchinson_probe_set(benchmark, trained_layout):
+    """What a Min-SNR run measures at a probe step: weighted, unweighted and 4 t-bin
+    traces with their standard errors, from one Taylor pass (against the single weighted
+    trace of test_hutchinson_probe[taylor] on the same batch: the goal is at most 1.3x)."""
+    from fastdiff.config import compose, to_config
+    from fastdiff.curvature import RunProbes
+
+    model = trained_layout
+    _, _, size = MODEL
+    cfg = to_config(
+        compose(
+            [
+                "experiment=e9b",
+                "data=digits",
+                f"data.image_size={size}",
+                "curvature.batch_size=4",
+                "curvature.t_bins=4",
+                f"curvature.probes={K}",
+            ]
+        )
+    )
+    sched = Schedule.make("linear", 1000)
+    images = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
+    probes = RunProbes(
+        images, cfg, sched.alphas_cumprod.float(), sched.loss_weights("minsnr", 5.0), DEVICE
+    )
+
+    def run():
+        probes(model)
+        sync()
+
+    benchmark.extra_info.update(probes=K, bins=4, batch=4)
+    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1, warmup_rounds=WARM)
+
+
 def test_hutchinson_loop(benchmark, model):
     """PyHessian-style peer: one create_graph backward, then K double-backward passes. On
     the NCHW model: its faster layout (measured 10.3 s vs 11.8 s channels_last)."""

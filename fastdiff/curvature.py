@@ -14,6 +14,7 @@ Two runs with the same seed therefore probe the same batch at every step.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,10 +22,10 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdiff.diffusion import eps_mse, q_sample
+from fastdiff.diffusion import eps_mse, q_sample, t_bin_edges, t_bin_names
 from fastdiff.kernels import reference_only
 from fastdiff.seeding import stream_generator
-from fastdiff.taylor import vhv_taylor
+from fastdiff.taylor import vhv_taylor, vhv_taylor_per_sample
 from fastdiff.unet import UNet
 
 
@@ -119,19 +120,20 @@ def _stacked(p: torch.Tensor, n: int) -> torch.Tensor:
     return out.unflatten(0, (n, p.shape[0]))
 
 
-def probe_batch(
-    images: torch.Tensor, n: int, T: int, seed: int, t_range: tuple[int, int] | None = None
-):
+def probe_batch(images: torch.Tensor, n: int, T: int, seed: int):
     """The run's fixed probe batch (x0, t, noise), drawn once from the run's seed.
 
-    Depends only on (images, n, T, seed, t_range), never on the weighting, so the
-    paired runs of a card probe the same batch. ``images``: uint8 (N, C, H, W).
+    The timesteps are stratified: one in each of n equal-width strata of [0, T), so a
+    small batch still covers the whole SNR range. Depends only on (images, n, T, seed),
+    never on the weighting, so the paired runs of a card probe the same batch.
+    ``images``: uint8 (N, C, H, W).
     """
-    lo, hi = t_range or (0, T)
-    g = stream_generator(seed, "probe", lo, hi)
+    g = stream_generator(seed, "probe")
     idx = torch.randperm(images.shape[0], generator=g)[:n]
     x0 = images[idx].float() / 127.5 - 1
-    t = torch.randint(lo, hi, (n,), generator=g)
+    edges = torch.tensor(t_bin_edges(T, n))
+    lo, width = edges[:-1], torch.diff(edges)
+    t = lo + (torch.rand(n, generator=g, dtype=torch.float64) * width).long().clamp(max=width - 1)
     noise = torch.randn(x0.shape, generator=g)
     return x0, t, noise
 
@@ -176,47 +178,106 @@ class CurvatureProbe:
             return self._chunk_size
         return 8 if taylor else 4
 
-    def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
+    def _hutchinson(self, model, taylor: bool, loss_fn=None, vhv_fn=None) -> torch.Tensor:
+        """The probe values of ``vhv_fn`` (Taylor) or of ``loss_fn``'s jvp(grad)."""
+        generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
+        return hutchinson_trace(
+            loss_fn,
+            dict(model.named_parameters()),
+            self.probes,
+            generator,
+            self.chunk_size(taylor),
+            vhv_fn,
+        ).values
+
+    @contextmanager
+    def _exact(self, model):
+        """fp32, dropout off, math attention, reference kernels (no jvp rules in Triton)."""
         was_training = model.training
         model.eval()
-        weight = torch.ones_like(self.weight) if unweighted else self.weight
-
-        def loss_fn(params):
-            eps = functional_call(model, params, (self.x_t, self.t))
-            return eps_mse(eps, self.noise, weight).mean()
-
-        generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
         try:
             with (
                 sdpa_kernel(SDPBackend.MATH),
                 torch.autocast(self.x_t.device.type, enabled=False),
-                reference_only(),  # the Triton kernels have no double-backward / jvp rules
+                reference_only(),
             ):
-                taylor = self._taylor(model)
-                return hutchinson_trace(
-                    loss_fn,
-                    dict(model.named_parameters()),
-                    self.probes,
-                    generator,
-                    self.chunk_size(taylor),
-                    partial(
-                        vhv_taylor, model, x_t=self.x_t, t=self.t, noise=self.noise, weight=weight
-                    )
-                    if taylor
-                    else None,
-                )
+                yield
         finally:
             model.train(was_training)
 
+    def per_sample(self, model: torch.nn.Module) -> torch.Tensor:
+        """(K, B): vₖᵀH_b vₖ of each sample's unweighted loss, for the K probe vectors.
+        Taylor mode gets all B from one pass; the jvp path pays one pass per sample."""
+        with self._exact(model):
+            if self._taylor(model):
+                fn = partial(vhv_taylor_per_sample, model, x_t=self.x_t, t=self.t, noise=self.noise)
+                return self._hutchinson(model, True, vhv_fn=fn)
+            one = torch.ones(1, device=self.x_t.device)
+            columns = []
+            for b in range(len(self.t)):
+                rows = slice(b, b + 1)
+
+                def loss_fn(params, rows=rows):
+                    eps = functional_call(model, params, (self.x_t[rows], self.t[rows]))
+                    return eps_mse(eps, self.noise[rows], one).mean()
+
+                columns.append(self._hutchinson(model, False, loss_fn=loss_fn))
+            return torch.stack(columns, 1)
+
+    def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
+        """The trace of the (weighted, or with ``unweighted`` plain) batch loss."""
+        weight = torch.ones_like(self.weight) if unweighted else self.weight
+        with self._exact(model):
+            if self._taylor(model):
+                fn = partial(
+                    vhv_taylor, model, x_t=self.x_t, t=self.t, noise=self.noise, weight=weight
+                )
+                values = self._hutchinson(model, True, vhv_fn=fn)
+            else:
+
+                def loss_fn(params):
+                    eps = functional_call(model, params, (self.x_t, self.t))
+                    return eps_mse(eps, self.noise, weight).mean()
+
+                values = self._hutchinson(model, False, loss_fn=loss_fn)
+        std = values.std().item() if len(values) > 1 else 0.0
+        return TraceEstimate(values, values.mean().item(), std, std / len(values) ** 0.5)
+
+
+def summarize(per_sample: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
+    """The trace estimate mean_{k,b} w_b Sₖ_b of a (K, B) per-sample matrix, with its
+    uncertainty over both things drawn at random: the probe vectors (``stderr``, the
+    probes' standard error) and the probe samples (``stderr_samples``, over the samples'
+    probe-mean terms w_b mean_k Sₖ_b); ``stderr_total`` combines them in quadrature."""
+    terms = per_sample.double() * weight.double()  # (K, B)
+    per_probe = terms.mean(1)  # (K,)
+    per_sample_mean = terms.mean(0)  # (B,)
+    k, b = terms.shape
+    std = per_probe.std().item() if k > 1 else 0.0
+    se_probe = std / k**0.5
+    se_samples = per_sample_mean.std().item() / b**0.5 if b > 1 else 0.0
+    return {
+        "mean": per_probe.mean().item(),
+        "std": std,
+        "stderr": se_probe,
+        "stderr_samples": se_samples,
+        "stderr_total": (se_probe**2 + se_samples**2) ** 0.5,
+    }
+
 
 class RunProbes:
-    """Everything a run measures at a probe step, under the cards' metric names.
+    """Everything a run measures at a probe step, under the cards' metric names, from
+    ONE pass over the fixed, t-stratified probe batch with one set of probe vectors:
 
-    - ``curvature/hutch_trace_{mean,std,stderr}``: the run's weighted training loss;
+    - ``curvature/hutch_trace_{mean,std,stderr,stderr_samples,stderr_total}``: the run's
+      weighted training loss (``stderr``: over probe vectors; ``stderr_samples``: over
+      probe samples; ``stderr_total``: both), and ``curvature/hutch_trace_probes``, the
+      K per-probe values;
     - ``…_unweighted``: plain ε-MSE on the same batch and vectors, when the run's
       weighting is not uniform (Min-SNR's weights average below 1, which shrinks the
       weighted trace even where the landscape is unchanged);
-    - ``curvature/hutch/t{lo}-{hi}/trace_mean``: optional per-timestep-bin traces;
+    - ``curvature/hutch/t{lo}-{hi}/trace_…``: the weighted trace over the samples of
+      each of ``curvature.t_bins`` equal-width timestep bins;
     - ``curvature/hutch_seconds``: the probe's wall time.
     """
 
@@ -224,41 +285,42 @@ class RunProbes:
         self, images: torch.Tensor, cfg, alphas_cumprod: torch.Tensor, weights: torch.Tensor, device
     ):
         c, T, seed = cfg.curvature, cfg.diffusion.T, cfg.train.seed
-
-        def make(t_range=None):
-            x0, t, noise = probe_batch(images, c.batch_size, T, seed, t_range)
-            return CurvatureProbe(
-                x0.to(device),
-                t.to(device),
-                noise.to(device),
-                alphas_cumprod,
-                weights,
-                c.probes,
-                seed,
-                c.chunk_size,
-                c.method,
-            )
-
-        self.main = make()
+        x0, t, noise = probe_batch(images, c.batch_size, T, seed)
+        self.main = CurvatureProbe(
+            x0.to(device),
+            t.to(device),
+            noise.to(device),
+            alphas_cumprod,
+            weights,
+            c.probes,
+            seed,
+            c.chunk_size,
+            c.method,
+        )
         self.unweighted = cfg.loss.weighting != "uniform"
-        edges = [round(T * i / c.t_bins) for i in range(c.t_bins + 1)] if c.t_bins else []
-        self.bins = {f"t{lo}-{hi - 1}": make((lo, hi)) for lo, hi in zip(edges, edges[1:])}
+        which = self.main.t * max(c.t_bins, 1) // T
+        self.bins = {name: which == i for i, name in enumerate(t_bin_names(T, c.t_bins))}
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         start = time.perf_counter()
-        out = _named(self.main.trace(model), "curvature/hutch_trace_{}")
+        per_sample = self.main.per_sample(model)  # (K, B)
+        w = self.main.weight
+        out = _named(summarize(per_sample, w), "curvature/hutch_trace_{}")
+        out["curvature/hutch_trace_probes"] = (per_sample.double() * w).mean(1).tolist()
         if self.unweighted:
             out |= _named(
-                self.main.trace(model, unweighted=True), "curvature/hutch_trace_{}_unweighted"
+                summarize(per_sample, torch.ones_like(w)), "curvature/hutch_trace_{}_unweighted"
             )
-        for name, probe in self.bins.items():
-            out |= _named(probe.trace(model), f"curvature/hutch/{name}/trace_{{}}")
+        for name, mask in self.bins.items():
+            out |= _named(
+                summarize(per_sample[:, mask], w[mask]), f"curvature/hutch/{name}/trace_{{}}"
+            )
         out["curvature/hutch_seconds"] = time.perf_counter() - start
         return out
 
 
-def _named(est: TraceEstimate, pattern: str) -> dict[str, float]:
-    return {pattern.format(k): getattr(est, k) for k in ("mean", "std", "stderr")}
+def _named(stats: dict[str, float], pattern: str) -> dict[str, float]:
+    return {pattern.format(k): v for k, v in stats.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

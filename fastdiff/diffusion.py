@@ -129,8 +129,8 @@ def eps_loss(
 
 def t_bin_edges(T: int, bins: int) -> list[int]:
     """Edges of ``bins`` equal-width timestep bins over [0, T): bin i holds the t with
-    t·bins // T == i, which are edges[i] ≤ t < edges[i+1]."""
-    return [-(-T * i // bins) for i in range(bins + 1)]
+    t·bins // T == i, which are edges[i] ≤ t < edges[i+1]. No bins: no edges."""
+    return [-(-T * i // bins) for i in range(bins + 1)] if bins else []
 
 
 def t_bin_names(T: int, bins: int) -> list[str]:

@@ -325,8 +325,23 @@ def vhv_taylor(
 ) -> torch.Tensor:
     """vᵀHv of mean_b w_b·mean_pix (model(x_t, t) − noise)² w.r.t. the parameters, for
     one probe v (a dict like ``params``); batch probes with ``torch.func.vmap``."""
+    return (weight * vhv_taylor_per_sample(model, params, v, x_t, t, noise)).mean()
+
+
+def vhv_taylor_per_sample(
+    model: UNet,
+    params: dict[str, torch.Tensor],
+    v: dict[str, torch.Tensor],
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """(B,): vᵀH_b v of each sample's unweighted loss mean_pix (model(x_t, t) − noise)²,
+    all from one forward pass: any weighting, batch subset or bin of the trace is then
+    a weighted mean of these, with the same probe vector."""
     out = unet_jet(model, {k: Jet(p, v[k]) for k, p in params.items()}, x_t, t)
     r0 = out.c0 - noise
-    # L(ε) = mean_b w_b mean_pix r(ε)²: the ε² coefficient is mean(w (2 r₀ r₂ + r₁²))
+    # L_b(ε) = mean_pix r(ε)²: its ε² coefficient is mean_pix(2 r₀ r₂ + r₁²), and
+    # vᵀH_b v = 2 × that coefficient (the second derivative of L_b(θ + εv) at 0)
     second = torch.addcmul(out.c1.square(), r0, out.c2, value=2)
-    return 2 * (weight * second.flatten(1).mean(1)).mean()
+    return 2 * second.flatten(1).mean(1)

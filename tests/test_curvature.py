@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdiff.config import compose, to_config
-from fastdiff.curvature import RunProbes, hutchinson_trace, rademacher
+from fastdiff.curvature import CurvatureProbe, RunProbes, hutchinson_trace, rademacher
 from fastdiff.data import load_images
 from fastdiff.diffusion import Schedule
 from fastdiff.unet import build_model
@@ -104,6 +104,7 @@ def _cfg(tmp_path, *extra):
                 "curvature.enabled=true",
                 "curvature.probes=3",
                 "curvature.batch_size=2",
+                "curvature.t_bins=2",
                 *extra,
             )
         )
@@ -130,19 +131,80 @@ def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
     assert model.training  # the probe restores train mode
 
 
-def test_time_bins_are_logged(tmp_path):
-    cfg = _cfg(tmp_path, "curvature.t_bins=2", "diffusion.T=100")
-    sched = Schedule.make("linear", 100)
-    probes = RunProbes(
+def _probes(cfg, weighting="uniform"):
+    sched = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
+    return RunProbes(
         load_images("digits", None, 8),
         cfg,
         sched.alphas_cumprod.float(),
-        sched.loss_weights("uniform", 5.0),
+        sched.loss_weights(weighting, 5.0),
         "cpu",
     )
-    assert probes.bins["t0-49"].t.max() < 50 <= probes.bins["t50-99"].t.min()
-    out = probes(build_model("unet_tiny", 16, 0.1, 8))
-    assert {"curvature/hutch/t0-49/trace_mean", "curvature/hutch/t50-99/trace_std"} <= set(out)
+
+
+def test_probe_timesteps_are_stratified_and_shared_by_the_arms(tmp_path):
+    cfg = _cfg(tmp_path, "curvature.batch_size=8")
+    t = {
+        w: _probes(_cfg(tmp_path, "curvature.batch_size=8", f"loss={w}"), w).main.t
+        for w in ("uniform", "minsnr")
+    }
+    assert torch.equal(t["uniform"], t["minsnr"])
+    for i, ti in enumerate(t["uniform"].tolist()):  # one per stratum [125 i, 125 (i+1))
+        assert 125 * i <= ti < 125 * (i + 1)
+    other = _probes(_cfg(tmp_path, "curvature.batch_size=8", "train.seed=5")).main.t
+    assert not torch.equal(other, t["uniform"])  # drawn within the strata, from the seed
+    assert cfg.curvature.batch_size == 8
+
+
+def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path):
+    """One Taylor pass gives per-sample terms; the per-bin and unweighted traces built
+    from them must equal jvp(grad) passes on the bin's samples alone (same vectors)."""
+    cfg = _cfg(
+        tmp_path, "loss=minsnr", "curvature.t_bins=2", "curvature.batch_size=4", "diffusion.T=100"
+    )
+    probes = _probes(cfg, "minsnr")
+    model = build_model("unet_tiny", 16, 0.1, 8)
+    torch.nn.init.normal_(model.out[1].weight, std=0.05)
+    out = probes(model)
+    p = probes.main
+    for name, rows in (("t0-49", slice(0, 2)), ("t50-99", slice(2, 4))):
+        assert (p.t[rows] < 50).all() == (name == "t0-49")
+        sched = Schedule.make("linear", 100)
+        alone = CurvatureProbe(
+            torch.zeros_like(p.x_t[rows]),  # x0: unused, x_t is set to the one pass's below
+            p.t[rows],
+            p.noise[rows],
+            sched.alphas_cumprod.float(),
+            sched.loss_weights("minsnr", 5.0),
+            cfg.curvature.probes,
+            cfg.train.seed,
+            method="jvp",
+        )
+        alone.x_t = p.x_t[rows]  # the same noised inputs as the one pass
+        want = alone.trace(model)
+        got = out[f"curvature/hutch/{name}/trace_mean"]
+        assert got == pytest.approx(want.mean, rel=1e-4, abs=1e-7)
+        assert out[f"curvature/hutch/{name}/trace_stderr"] == pytest.approx(want.stderr, rel=1e-3)
+    plain = p.trace(model, unweighted=True)
+    assert out["curvature/hutch_trace_mean_unweighted"] == pytest.approx(plain.mean, rel=1e-4)
+    weighted = p.trace(model)
+    assert out["curvature/hutch_trace_mean"] == pytest.approx(weighted.mean, rel=1e-4)
+    assert out["curvature/hutch_trace_probes"] == pytest.approx(weighted.values.tolist(), rel=1e-4)
+
+
+def test_summary_standard_errors_over_probes_and_samples():
+    from fastdiff.curvature import summarize
+
+    s = torch.tensor([[1.0, 3.0, 5.0], [3.0, 5.0, 7.0]])  # K=2 probes, B=3 samples
+    w = torch.tensor([1.0, 0.5, 2.0])
+    # per probe: mean(w*s) = (1 + 1.5 + 10)/3, (3 + 2.5 + 14)/3; per sample: w*mean_k s
+    probe = [12.5 / 3, 19.5 / 3]
+    sample = [2.0, 2.0, 12.0]
+    got = summarize(s, w)
+    assert got["mean"] == pytest.approx(16 / 3)
+    assert got["stderr"] == pytest.approx(np.std(probe, ddof=1) / np.sqrt(2))
+    assert got["stderr_samples"] == pytest.approx(np.std(sample, ddof=1) / np.sqrt(3))
+    assert got["stderr_total"] == pytest.approx(np.hypot(got["stderr"], got["stderr_samples"]))
 
 
 def test_probe_does_not_change_training(tmp_path):
@@ -157,6 +219,7 @@ def test_probe_does_not_change_training(tmp_path):
                     f"curvature.enabled={on}",
                     "curvature.probes=2",
                     "curvature.batch_size=2",
+                    "curvature.t_bins=2",
                     "curvature.every=2",
                 )
             )

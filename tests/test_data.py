@@ -185,6 +185,7 @@ def test_training_from_shards(cifar, tmp_path):
                 "curvature.enabled=true",
                 "curvature.probes=2",
                 "curvature.batch_size=2",
+                "curvature.t_bins=2",
                 "curvature.every=6",
             ]
         )

@@ -211,6 +211,7 @@ def test_smoke_study_end_to_end(tmp_path):
             *overrides,
             "curvature.probes=2",
             "curvature.batch_size=2",
+            "curvature.t_bins=2",
             "curvature.every=3",
             "--out",
             str(tmp_path / "study"),

@@ -34,6 +34,7 @@ def test_run_directory_contents(tmp_path):
         "experiment=e9b",
         "curvature.probes=2",
         "curvature.batch_size=2",
+        "curvature.t_bins=2",
         "curvature.every=3",
         "sampling.grid_every=3",
     )
