@@ -61,8 +61,8 @@ def normal_interval(value: float, se: float, level: float = LEVEL) -> tuple[floa
 
 
 def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
-    """Over seeds when there are several; else from the one run's standard error
-    (an unknown SE gives a point, which never straddles: say so in the detail)."""
+    """Over seeds when there are several; else from the one run's standard error (an
+    unknown one gives (−∞, ∞): inconclusive, however the point estimate falls)."""
     if not measures:
         return None
     values = [m.value for m in measures]
@@ -70,15 +70,16 @@ def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
         mean, lo, hi, sd = t_interval(values, level)
         return Interval(mean, lo, hi, "seeds (paired t)", values, sd)
     (m,) = measures
-    se = m.se if m.se is not None and math.isfinite(m.se) else 0.0
-    lo, hi = normal_interval(m.value, se, level)
-    return Interval(m.value, lo, hi, "within run", values, se)
+    if m.se is None:  # no within-run uncertainty known: only seeds can decide
+        return Interval(m.value, -math.inf, math.inf, "within run (no standard error)", values)
+    lo, hi = normal_interval(m.value, m.se, level)
+    return Interval(m.value, lo, hi, "within run", values, m.se)
 
 
 def verdict(iv: Interval | None, threshold: float, pass_below: bool) -> str:
     """PASS / FAIL / INCONCLUSIVE for "estimate ≤ threshold passes" (``pass_below``) or
     "estimate ≥ threshold passes". The threshold itself counts as the pass side."""
-    if iv is None or not (math.isfinite(iv.lo) and math.isfinite(iv.hi)):
+    if iv is None or math.isnan(iv.lo) or math.isnan(iv.hi):
         return NA
     lo, hi = (iv.lo, iv.hi) if pass_below else (-iv.hi, -iv.lo)
     thr = threshold if pass_below else -threshold
@@ -93,9 +94,9 @@ def seeds_needed(iv: Interval, threshold: float, level: float = LEVEL, most: int
     """Roughly how many seeds the observed spread needs for the interval to clear the
     threshold (the t-interval's half-width below |estimate − threshold|)."""
     gap = abs(iv.estimate - threshold)
-    sd = iv.sd or 0.0
-    if iv.method != "seeds (paired t)":
-        sd = sd * math.sqrt(max(iv.n, 1))  # one run's SE stands in for a seed's spread
+    sd = iv.sd  # a seed's spread; for one run its SE stands in for it (a lower bound)
+    if sd is None:
+        return 2  # no spread known: at least two seeds, to have one
     if gap == 0:
         return most
     for n in range(2, most):

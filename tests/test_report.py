@@ -9,6 +9,7 @@ import yaml
 
 from fastdiff.report import (
     FAIL,
+    INCONCLUSIVE,
     NA,
     PASS,
     Run,
@@ -36,13 +37,18 @@ def make_run(
     mean_weight=None,
     unweighted=None,
     reached=None,
+    seed=1077,
+    trace_se=0.0,
+    fid_se=0.0,
 ):
+    """A run with known numbers. Standard errors default to 0, so an interval is its
+    point and the verdict is the threshold test; pass None to log none."""
     path.mkdir(parents=True)
     cfg = {
         "experiment": name,
         "loss": {"weighting": weighting, "minsnr_gamma": 5.0},
         "diffusion": {"beta_schedule": schedule},
-        "train": {"total_steps": total},
+        "train": {"total_steps": total, "seed": seed},
     }
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     rows = [
@@ -51,17 +57,20 @@ def make_run(
     ]
     if mean_weight is not None:
         rows.append({"step": 0, "loss/mean_weight": mean_weight})
+    se = {} if trace_se is None else {"curvature/hutch_trace_stderr_total": trace_se}
     rows += [
-        {"step": s, "curvature/hutch_trace_mean": v, "curvature/hutch_trace_std": 1.0}
+        {"step": s, "curvature/hutch_trace_mean": v, "curvature/hutch_trace_std": 1.0, **se}
         for s, v in (traces or {}).items()
     ]
+    se = {} if trace_se is None else {"curvature/hutch_trace_stderr_total_unweighted": trace_se}
     rows += [
-        {"step": s, "curvature/hutch_trace_mean_unweighted": v}
+        {"step": s, "curvature/hutch_trace_mean_unweighted": v, **se}
         for s, v in (unweighted or {}).items()
     ]
     rows += [{"step": s, "val/fid_milestone/fid": v} for s, v in (fids or {}).items()]
     if final_fid is not None:
-        rows.append({"step": total, "eval/final/fid": final_fid})
+        se = {} if fid_se is None else {"eval/final/fid_se": fid_se}
+        rows.append({"step": total, "eval/final/fid": final_fid, **se})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"step": reached or total}))
     return Run.load(path)
@@ -75,7 +84,7 @@ def traces(before, inside, steps=range(2000, 10001, 1000)):
 def test_curvature_reduction_boundary(tmp_path, inside, status):
     base = make_run(tmp_path / "a", "e5", "uniform", traces=traces(500.0, 100.0))
     treat = make_run(tmp_path / "b", "e6", "minsnr", traces=traces(1.0, inside))
-    crit = curvature_reduction(base, treat)
+    crit = curvature_reduction([(base, treat)])
     assert crit.status == status  # only 6k–10k counts: the early values are ignored
     assert f"{(inside - 100) / 100:+.1%}" in crit.detail
 
@@ -86,7 +95,7 @@ def test_criteria_windows_scale_with_shorter_runs(tmp_path):
     treat = make_run(
         tmp_path / "b", "e6", "minsnr", total=1000, traces={s: v * 0.5 for s, v in short.items()}
     )
-    crit = curvature_reduction(base, treat)
+    crit = curvature_reduction([(base, treat)])
     assert crit.status == PASS and "600–1000" in crit.name
     _, notes = evaluate([base, treat], "e6")
     assert any("scaled by 0.1" in n for n in notes)
@@ -97,8 +106,18 @@ def test_spike_count(tmp_path):
     base = make_run(tmp_path / "a", "e5", "uniform", traces=base_tr)
     fewer = make_run(tmp_path / "b", "e6", "minsnr", traces={2000: 100, 3000: 151, 4000: 90})
     same = make_run(tmp_path / "c", "e6", "minsnr", traces={2000: 151, 3000: 152})
-    assert spike_count(base, fewer).status == PASS  # limit 150: 1 point vs the baseline's 2
-    assert spike_count(base, same).status == FAIL
+    # limit 150: 1 point vs the baseline's 2, and 2 vs 2. Poisson SE √(1+2), √(2+2): both
+    # intervals of the difference straddle −0.5, whatever the point estimate says
+    one = spike_count([(base, fewer)])
+    assert one.status == INCONCLUSIVE and one.estimate == -1
+    assert one.interval == pytest.approx((-1 - 1.959964 * 3**0.5, -1 + 1.959964 * 3**0.5))
+    assert spike_count([(base, same)]).status == INCONCLUSIVE
+    many = {2000 + 100 * i: (100 if i < 25 else 200) for i in range(40)}  # 15 of 40 spike
+    spiky = make_run(tmp_path / "d", "e5", "uniform", traces=many)
+    calm = make_run(tmp_path / "e", "e6", "minsnr", traces={s: 100 for s in many})
+    # 0 vs 15 spikes: −15 ± 1.96·√15 = [−22.6, −7.4], all below −0.5
+    assert spike_count([(spiky, calm)]).status == PASS
+    assert spike_count([(calm, spiky)]).status == FAIL
 
 
 @pytest.mark.parametrize(
@@ -108,14 +127,14 @@ def test_spike_count(tmp_path):
 def test_fid_band(tmp_path, treat_fid, band, improved):
     base = make_run(tmp_path / "a", "e5", "uniform", final_fid=10.0)
     treat = make_run(tmp_path / "b", "e6", "minsnr", final_fid=treat_fid)
-    assert [c.status for c in fid_band(base, treat)] == [band, improved]
+    assert [c.status for c in fid_band([(base, treat)])] == [band, improved]
 
 
 def test_missing_fid_is_not_evaluable_never_passed(tmp_path):
     base = make_run(tmp_path / "a", "e9a", "uniform", "cosine")
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=12.0)
-    assert {c.status for c in fid_band(base, treat)} == {NA}
-    assert fid_ratio(base, treat, "final").status == NA
+    assert {c.status for c in fid_band([(base, treat)])} == {NA}
+    assert fid_ratio([(base, treat)], "final").status == NA
     crits, _ = evaluate([base, treat], "e9")
     assert all(c.status != PASS for c in crits if "FID" in c.name)
 
@@ -129,7 +148,7 @@ def test_e9_fid_ratio(tmp_path, treat_fid, status, word):
     treat = make_run(
         tmp_path / "b", "e9b", "minsnr", "cosine", fids={2000: 40.0}, final_fid=treat_fid
     )
-    crit = fid_ratio(base, treat, "best")
+    crit = fid_ratio([(base, treat)], "best")
     assert crit.status == status and word in crit.detail
 
 
@@ -141,8 +160,8 @@ def test_exploding_curvature_rule(tmp_path):
         tmp_path / "b", "e9b", "minsnr", "cosine", traces={1000: 999, 2000: 29, 3000: 12}
     )
     wild = make_run(tmp_path / "c", "e9b", "minsnr", "cosine", traces={2000: 10, 3000: 31})
-    assert exploding_curvature(base, calm).status == PASS  # step 1000 is burn-in
-    assert exploding_curvature(base, wild).status == FAIL
+    assert exploding_curvature([(base, calm)]).status == PASS  # step 1000 is burn-in
+    assert exploding_curvature([(base, wild)]).status == FAIL
 
 
 def test_unfinished_or_nan_run_fails_completion(tmp_path):
@@ -194,37 +213,56 @@ def test_report_files_and_plots(tmp_path):
     md = write_report([base, treat], tmp_path / "out")
     text = md.read_text()
     assert "MS1-e9" in text and "✅ pass" in text
-    for png in ("loss.png", "curvature.png", "fid.png"):
+    for png in ("loss.png", "curvature.png", "fid.png", "weights.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000
     html = (tmp_path / "out" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
+    verdicts = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert verdicts["card"] == "e9"
+    for crit in verdicts["criteria"]:
+        assert crit["status"] in {PASS, FAIL, INCONCLUSIVE, NA}
+        assert {"name", "estimate", "interval", "n_seeds", "values", "threshold"} <= set(crit)
 
 
-def test_smoke_study_end_to_end(tmp_path):
+def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
     overrides = [o for o in tiny(tmp_path) if not o.startswith("train.runs_root")]
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastdiff.study",
-            "e9",
-            *overrides,
-            "curvature.probes=2",
-            "curvature.batch_size=2",
-            "curvature.t_bins=2",
-            "curvature.every=3",
-            "--out",
-            str(tmp_path / "study"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastdiff.study",
+        "e9",
+        *overrides,
+        "curvature.probes=2",
+        "curvature.batch_size=2",
+        "curvature.t_bins=2",
+        "curvature.every=3",
+        "--seeds",
+        "2",
+        "--launch",  # one process per arm, without accelerate's launcher start-up
+        sys.executable,
+        "--out",
+        str(tmp_path / "study"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    report = (tmp_path / "study" / "report" / "REPORT.md").read_text()
+    root = tmp_path / "study"
+    runs = sorted(str(p.relative_to(root)) for p in root.glob("*/seed*"))
+    assert runs == ["e9a/seed1077", "e9a/seed2077", "e9b/seed1077", "e9b/seed2077"]
+    report = (root / "report" / "REPORT.md").read_text()
     assert "e9a (cosine β, uniform)" in report and "e9b (cosine β, Min-SNR γ=5)" in report
     assert "not evaluable" in report  # no FID in these runs
-    assert (tmp_path / "study" / "report" / "curvature.png").exists()
+    assert (root / "report" / "curvature.png").exists()
+    assert (root / "report" / "loss_by_snr.png").exists()
+    verdicts = json.loads((root / "report" / "report.json").read_text())
+    exploding = [c for c in verdicts["criteria"] if c["name"].startswith("no exploding")]
+    assert exploding[0]["n_seeds"] == 2 and exploding[0]["method"] == "seeds (paired t)"
+    assert all(c["status"] in {PASS, FAIL, INCONCLUSIVE, NA} for c in verdicts["criteria"])
+    # the same study again: every run is finished, so nothing is retrained or rewritten
+    summaries = {p: p.read_bytes() for p in root.glob("*/seed*/summary.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("nothing to do") == 4
+    assert {p: p.read_bytes() for p in summaries} == summaries
 
 
 def _with_provenance(run, **changes):
@@ -258,11 +296,85 @@ def test_fids_of_different_provenance_are_not_compared(tmp_path, change, named):
     base = _with_provenance(make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0))
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=10.5)
     same = _with_provenance(treat)
-    assert fid_ratio(base, same, "final").status == PASS
-    assert all(c.status == PASS for c in fid_band(base, same)[:1])
+    assert fid_ratio([(base, same)], "final").status == PASS
+    assert all(c.status == PASS for c in fid_band([(base, same)])[:1])
     other = _with_provenance(treat, **change)
-    for crit in [fid_ratio(base, other, "final"), *fid_band(base, other)]:
+    for crit in [fid_ratio([(base, other)], "final"), *fid_band([(base, other)])]:
         assert crit.status == NA
         assert "FIDs computed against different references" in crit.detail and named in crit.detail
     text = write_report([base, other], tmp_path / "out", "e9").read_text()
     assert "## How FID was computed" in text and "torch-fidelity 0.4.0" in text
+
+
+T2_975 = 4.302652729911275  # Student t, 2 degrees of freedom, 97.5% (tables)
+
+
+def _seeded_pairs(tmp_path, treat_inside, base_inside=100.0, trace_se=0.0):
+    pairs = []
+    for seed, inside in zip((1, 2, 3), treat_inside):
+        base = make_run(
+            tmp_path / f"a{seed}",
+            "e5",
+            "uniform",
+            traces=traces(500.0, base_inside),
+            seed=seed,
+            trace_se=trace_se,
+        )
+        treat = make_run(
+            tmp_path / f"b{seed}",
+            "e6",
+            "minsnr",
+            traces=traces(1.0, inside),
+            seed=seed,
+            trace_se=trace_se,
+        )
+        pairs.append((base, treat))
+    return pairs
+
+
+def test_seeds_give_a_paired_t_interval(tmp_path):
+    pairs = _seeded_pairs(tmp_path, (70.0, 75.0, 80.0))
+    crit = curvature_reduction(pairs)
+    changes = [-0.30, -0.25, -0.20]
+    mean = sum(changes) / 3
+    sd = (sum((c - mean) ** 2 for c in changes) / 2) ** 0.5
+    half = T2_975 * sd / 3**0.5
+    assert crit.estimate == pytest.approx(mean)
+    assert crit.interval == pytest.approx((mean - half, mean + half))
+    assert crit.method == "seeds (paired t)" and crit.seeds == [1, 2, 3]
+    assert crit.values == pytest.approx(changes)
+    # −0.25 ± 0.124: [−0.374, −0.126] straddles −15%
+    assert crit.status == INCONCLUSIVE and "seeds would decide it" in crit.detail
+    tight = curvature_reduction(_seeded_pairs(tmp_path / "t", (70.0, 71.0, 72.0)))
+    assert tight.status == PASS  # [−0.315, −0.255]
+    worse = curvature_reduction(_seeded_pairs(tmp_path / "w", (95.0, 96.0, 97.0)))
+    assert worse.status == FAIL
+
+
+def test_one_seed_uses_the_logged_standard_errors(tmp_path):
+    (pair,) = _seeded_pairs(tmp_path, (80.0,), trace_se=4.0)[:1]
+    crit = curvature_reduction([pair])
+    # 5 probe steps in 6k–10k, each SE 4: window SE 4·√5/5; Δ = −20% with delta-method SE
+    se_w = 4.0 * 5**0.5 / 5
+    se = (se_w**2 + (0.8 * se_w) ** 2) ** 0.5 / 100
+    assert crit.interval == pytest.approx((-0.2 - 1.959964 * se, -0.2 + 1.959964 * se), rel=1e-5)
+    assert crit.status == PASS  # [−0.245, −0.155]
+    noisy = curvature_reduction([_seeded_pairs(tmp_path / "n", (80.0,), trace_se=12.0)[0]])
+    assert noisy.status == INCONCLUSIVE
+    unknown = curvature_reduction([_seeded_pairs(tmp_path / "u", (80.0,), trace_se=None)[0]])
+    assert unknown.status == INCONCLUSIVE and "no standard error" in unknown.detail
+
+
+def test_report_groups_runs_into_arms_and_pairs_them_by_seed(tmp_path):
+    pairs = _seeded_pairs(tmp_path, (70.0, 71.0, 72.0))
+    runs = [r for pair in pairs for r in pair][:-1]  # seed 3's Min-SNR run is missing
+    write_report(runs, tmp_path / "out", "e6")
+    verdicts = json.loads((tmp_path / "out" / "report.json").read_text())
+    (card,) = [
+        c
+        for c in verdicts["criteria"]
+        if c["name"].startswith("mean curvature/") and c["name"].endswith("lower")
+    ]
+    assert card["n_seeds"] == 2 and card["seeds"] == [1, 2]
+    assert card["status"] in {PASS, INCONCLUSIVE}
+    assert card["interval"][0] < card["estimate"] < card["interval"][1]

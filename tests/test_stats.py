@@ -44,6 +44,10 @@ def test_one_seed_uses_the_within_run_standard_error():
     assert iv.method == "within run"
     assert (iv.lo, iv.hi) == pytest.approx((-0.2 - Z_975 * 0.05, -0.2 + Z_975 * 0.05))
     assert interval([]) is None
+    unknown = interval([Measure(-0.2)])  # no SE: only seeds can decide
+    assert (unknown.lo, unknown.hi) == (-math.inf, math.inf)
+    assert verdict(unknown, -0.15, pass_below=True) == INCONCLUSIVE
+    assert seeds_needed(unknown, -0.15) == 2
 
 
 @pytest.mark.parametrize(
