@@ -120,6 +120,11 @@ class FIDConfig:
     # None = auto: on when the Inception weights are at hand (weights_path or the torch hub
     # cache), else off with one warning. true = required: fail at start-up without them.
     enabled: bool | None = None
+    # "inception" (FID proper) or "digits" (an FD on a small CNN trained on the embedded
+    # digits, fastdiff.digits_fd: no download; the quickstart's). Opt-in, not automatic
+    # for data=digits: a card experiment would sample its 10k images with unet_cifar32,
+    # over an hour per run on a CPU.
+    extractor: str = "inception"
     weights_path: str | None = None
     stats_path: str | None = None  # precomputed reference statistics (.npz with mu, sigma)
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/fastdiff/fid)
@@ -508,9 +513,18 @@ def validate(cfg: Config) -> None:
         cfg.eval.milestone_samples >= 2 and cfg.eval.final_samples >= 2,
         "eval.milestone_samples and eval.final_samples must be >= 2 (FID needs a covariance)",
     )
+    fid = cfg.eval.fid
+    need(
+        fid.extractor in ("inception", "digits"),
+        f"eval.fid.extractor must be inception or digits, got {fid.extractor!r}",
+    )
+    need(
+        fid.extractor != "digits" or cfg.data.name == "digits",
+        f"eval.fid.extractor=digits is trained on the embedded digits; data={cfg.data.name} "
+        "needs eval.fid.extractor=inception",
+    )
     # Paths given explicitly are checked whatever eval.fid.enabled says: a typo must not
     # quietly cost a run its FID.
-    fid = cfg.eval.fid
     if fid.weights_path is not None:
         need(
             Path(fid.weights_path).is_file() and os.access(fid.weights_path, os.R_OK),
@@ -526,7 +540,12 @@ def validate(cfg: Config) -> None:
         from fastdiff.fid import read_stats_file
 
         try:
-            read_stats_file(fid.stats_path)
+            if fid.extractor == "digits":
+                from fastdiff import digits_fd
+
+                read_stats_file(fid.stats_path, digits_fd.DIM, digits_fd.NAME)
+            else:
+                read_stats_file(fid.stats_path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     need(

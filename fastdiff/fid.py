@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,24 @@ FEATURE_DIM = 2048
 RESIZE = "tf1x-bilinear-299"
 
 
+@dataclass(frozen=True)
+class Extractor:
+    name: str  # torch-fidelity's registry name
+    layer: str
+    dim: int
+    resize: str
+
+
+def extractor_spec(choice: str) -> Extractor:
+    """``eval.fid.extractor``: "inception" (FID proper) or "digits" (fastdiff.digits_fd)."""
+    if choice == "digits":
+        from fastdiff import digits_fd
+
+        digits_fd.register()
+        return Extractor(digits_fd.NAME, digits_fd.LAYER, digits_fd.DIM, digits_fd.RESIZE)
+    return Extractor(EXTRACTOR, FEATURE_LAYER, FEATURE_DIM, RESIZE)
+
+
 class FIDUnavailable(RuntimeError):
     """FID was asked for but cannot be computed here (no Inception weights)."""
 
@@ -70,7 +89,9 @@ def file_sha256(path: Path) -> str:
     return _SHA256[key]
 
 
-def read_stats_file(path: str | Path, dim: int = FEATURE_DIM) -> dict[str, np.ndarray]:
+def read_stats_file(
+    path: str | Path, dim: int = FEATURE_DIM, extractor: str = EXTRACTOR
+) -> dict[str, np.ndarray]:
     """A reference-statistics .npz (``mu`` (D,), ``sigma`` (D, D)), checked against the
     extractor's feature dimension. ValueError with one line naming the file otherwise."""
     try:
@@ -89,7 +110,7 @@ def read_stats_file(path: str | Path, dim: int = FEATURE_DIM) -> dict[str, np.nd
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise ValueError(
             f"eval.fid.stats_path={path} holds mu {mu.shape} and sigma {sigma.shape}, but "
-            f"{EXTRACTOR} features are {dim}-dimensional: use statistics of its pool3 layer"
+            f"{extractor} features are {dim}-dimensional: use statistics of that layer"
         )
     return {"mu": mu, "sigma": sigma}
 
@@ -208,20 +229,22 @@ class FIDEvaluator:
         cache_dir: str | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
+        extractor: str = "inception",
     ):
         import torch_fidelity
 
+        self.spec = spec = extractor_spec(extractor)
         self.reference = UInt8Images(reference)
         self.weights, self.stats_path = weights, stats_path
         if stats_path is not None:
-            self.ref_stats = read_stats_file(stats_path)
+            self.ref_stats = read_stats_file(stats_path, spec.dim, spec.name)
             ref = {"stats_file": str(stats_path), "stats_sha256": file_sha256(stats_path)}
         else:
             ref = {"data_sha256": ref_name, "count": len(reference)}
         self.provenance = {
-            "extractor": EXTRACTOR,
-            "layer": FEATURE_LAYER,
-            "resize": RESIZE,
+            "extractor": spec.name,
+            "layer": spec.layer,
+            "resize": spec.resize,
             "weights_sha256": file_sha256(weights),
             "torch_fidelity": torch_fidelity.__version__,
             "reference": ref,
@@ -240,8 +263,8 @@ class FIDEvaluator:
             from torch_fidelity.utils import create_feature_extractor
 
             self._feature_extractor = create_feature_extractor(
-                EXTRACTOR,
-                [FEATURE_LAYER],
+                self.spec.name,
+                [self.spec.layer],
                 cuda=self.cuda,
                 feature_extractor_weights_path=str(self.weights),
                 verbose=False,
@@ -258,13 +281,13 @@ class FIDEvaluator:
         )
 
     def features(self, samples: torch.Tensor) -> torch.Tensor:
-        """Pool3 features (N, 2048) of uint8 (N, 3, H, W) images, through torch-fidelity."""
+        """Features (N, D) of uint8 (N, 3, H, W) images, through torch-fidelity."""
         from torch_fidelity.utils import extract_featuresdict_from_input_id
 
         out = extract_featuresdict_from_input_id(
             1, self._extractor(), input1=UInt8Images(samples), **self._kwargs()
         )
-        return out[FEATURE_LAYER]
+        return out[self.spec.layer]
 
     def _reference(self) -> tuple[torch.Tensor | None, dict[str, np.ndarray]]:
         """The reference features (None with a statistics file) and statistics, computed
@@ -277,9 +300,9 @@ class FIDEvaluator:
         kwargs = dict(input2=self.reference, input2_cache_name=self.cache_name, **self._kwargs())
         feats = extract_featuresdict_from_input_id_cached(2, self._extractor(), **kwargs)
         stats = fid_featuresdict_to_statistics_cached(
-            feats, self.cache_name, self._extractor(), FEATURE_LAYER, **kwargs
+            feats, self.cache_name, self._extractor(), self.spec.layer, **kwargs
         )
-        return feats[FEATURE_LAYER], stats
+        return feats[self.spec.layer], stats
 
     def __call__(
         self, samples: torch.Tensor, bootstrap: int = 0, prc: bool = False, seed: int = 0
@@ -335,13 +358,19 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
     from fastdiff.data import DeviceBatches, ShardImages, is_sharded
 
     fid_cfg = cfg.eval.fid
-    try:
-        weights = resolve_weights(fid_cfg.weights_path, download=explicit)
-    except FIDUnavailable as err:
-        if explicit:
-            raise
-        log.warning("FID off: %s", err)
-        return None
+    extractor = fid_cfg.extractor
+    if extractor == "digits":
+        from fastdiff import digits_fd
+
+        weights = digits_fd.ensure_weights()
+    else:
+        try:
+            weights = resolve_weights(fid_cfg.weights_path, download=explicit)
+        except FIDUnavailable as err:
+            if explicit:
+                raise
+            log.warning("FID off: %s", err)
+            return None
     if is_sharded(cfg.data.path):
         view = ShardImages(cfg.data.path)
         images, name = view.images, data_hash(manifest=view.manifest)
@@ -353,13 +382,16 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
     if fid_cfg.reference_limit:
         images = images[: fid_cfg.reference_limit]
     log.info(
-        "FID: %s weights, reference %s (%d images)%s",
+        "FID: %s (%s weights), reference %s (%d images)%s",
+        extractor,
         weights,
         name,
         len(images),
         f", statistics {fid_cfg.stats_path}" if fid_cfg.stats_path else "",
     )
-    return FIDEvaluator(images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device)
+    return FIDEvaluator(
+        images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device, extractor=extractor
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

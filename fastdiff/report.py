@@ -129,6 +129,12 @@ class Run:
         _, v = self.series(key)
         return float(v[-1]) if len(v) else None
 
+    def final_sample_stats(self) -> dict | None:
+        """Per-sample mean intensity and contrast of the final grid and of as many
+        training images (written beside the grids)."""
+        found = sorted((self.path / "samples").glob("stats_*.json"))
+        return json.loads(found[-1].read_text()) if found else None
+
     def final_grid(self) -> Path | None:
         grids = sorted((self.path / "samples").glob("grid_*.png"))
         return grids[-1] if grids else None
@@ -759,6 +765,26 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
         ax.set(title="FID vs step (★ final)", xlabel="step", ylabel="FID")
         ax.legend(fontsize=8)
         save(fig, "fid.png")
+
+    stats = [(r, r.final_sample_stats()) for r in runs if r.final_sample_stats() is not None]
+    if stats:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for i, key in enumerate(("mean_intensity", "contrast")):
+            ax = axes[i]
+            ref = np.concatenate([s["training"][key] for _, s in stats])
+            ax.hist(ref, bins=20, color="0.6", alpha=0.6, density=True, label="training images")
+            for color, (run, s) in zip(COLORS, stats):
+                ax.hist(
+                    s["samples"][key],
+                    bins=20,
+                    histtype="step",
+                    density=True,
+                    color=color,
+                    label=f"{run.label} seed {run.seed}",
+                )
+            ax.set(title=f"final grid samples: {key.replace('_', ' ')}", xlabel=key)
+            ax.legend(fontsize=7)
+        save(fig, "sample_stats.png")
 
     grids = [(r, r.final_grid()) for r in runs if r.final_grid() is not None]
     if grids:

@@ -261,9 +261,8 @@ class Trainer:
             self.start_step if self.resumed else None,
             lambda: flat(cfg),
         )
-        self.probe = (
-            self._make_probe(probe_pool(cfg.data, self.batches)) if cfg.curvature.enabled else None
-        )
+        self.reference_images = probe_pool(cfg.data, self.batches)  # uint8, for probes/stats
+        self.probe = self._make_probe(self.reference_images) if cfg.curvature.enabled else None
 
     # ----------------------------------------------------------------- set-up
     def _run_dir(self) -> Path:
@@ -763,6 +762,17 @@ class Trainer:
             g,
         )
         x = (x.float().cpu() + 1) / 2
+        # Washed-out or collapsed samples show in their brightness and contrast (MS1-e9):
+        # kept beside the grid, with the same numbers for training images, for the report.
+        reference = self.reference_images[: cfg.grid_images].float() / 255
+        stats = {
+            kind: {
+                "mean_intensity": imgs.flatten(1).mean(1).tolist(),
+                "contrast": imgs.flatten(1).std(1).tolist(),
+            }
+            for kind, imgs in (("samples", x), ("training", reference))
+        }
+        write_text(self.run_dir / "samples" / f"stats_{step:07d}.json", json.dumps(stats) + "\n")
         if x.shape[-1] < 32:  # small images: upscale so the grid is readable
             x = torch.nn.functional.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
         path = self.run_dir / "samples" / f"grid_{step:07d}.png"

@@ -201,7 +201,7 @@ def test_training_logs_milestone_and_final_fid(inception_weights, tmp_path):
     )
     assert provenance["reference"]["count"] == 12
     assert (provenance["sampler"], provenance["nfe"], provenance["final_samples"]) == ("ddpm", 2, 6)
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+    assert sorted(p.name for p in (run_dir / "samples").glob("grid_*")) == [
         "grid_0000003.png",
         "grid_0000006.png",
     ]
@@ -333,3 +333,75 @@ def test_a_missing_weights_file_is_an_error_whatever_enabled_says(tmp_path, enab
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(missing) in err[0] and "does not exist" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory):
+    """The digits extractor, trained once into a temporary cache (the real training)."""
+    from fastdiff import digits_fd
+
+    path = tmp_path_factory.mktemp("extractors") / "digits.pt"
+    with mock.patch.object(digits_fd, "default_path", lambda: path):
+        assert digits_fd.ensure_weights() == path
+        yield path
+
+
+def test_digits_fd_is_small_between_real_halves_and_large_for_noise(digits_weights):
+    from fastdiff.data.sources import load_digits
+    from fastdiff.digits_fd import DigitsCNN
+
+    real = load_digits(16)[0]
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    a, b = real[order[:800]], real[order[800:1600]]
+    noise = torch.randint(0, 256, (800, 3, 16, 16), generator=torch.Generator().manual_seed(1))
+    fd = FIDEvaluator(b, "digits-b", digits_weights, extractor="digits")
+    halves, pure_noise = fd(a)["fid"], fd(noise.to(torch.uint8))["fid"]
+    assert halves < 0.05 * pure_noise
+    net = DigitsCNN()
+    net.load_state_dict(torch.load(digits_weights))
+    with torch.no_grad():
+        fa, fb = (net.features(DigitsCNN.prepare(x)).double().numpy() for x in (a, b))
+    assert halves == pytest.approx(frechet(fa, fb), rel=1e-3)  # torch-fidelity's FD, our features
+    assert fd.provenance["extractor"] == "fastdiff-digits" and fd.provenance["layer"] == "64"
+
+
+def test_digits_extractor_training_is_deterministic():
+    from fastdiff.digits_fd import train_digits_cnn
+
+    one, two = train_digits_cnn(steps=3).state_dict(), train_digits_cnn(steps=3).state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    other = train_digits_cnn(seed=1, steps=3).state_dict()
+    assert not all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_digits_extractor_scores_fd_without_inception_weights(
+    digits_weights, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # no Inception weights here
+    overrides = [o for o in tiny(tmp_path) if not o.startswith("eval.fid")]
+    cfg = to_config(
+        compose(
+            [
+                *overrides,
+                "eval.fid.extractor=digits",
+                f"eval.fid.cache_dir={tmp_path / 'cache'}",
+                "eval.milestone_every=3",
+                "eval.milestone_samples=8",
+                "eval.final_samples=8",
+                "eval.nfe=2",
+                "eval.fid.bootstrap=10",
+            ]
+        )
+    )
+    assert cfg.eval.fid.enabled is None  # auto: on, as the extractor is always at hand
+    from fastdiff import digits_fd
+
+    with mock.patch.object(digits_fd, "default_path", lambda: digits_weights):
+        training_loop(cfg)
+    (run_dir,) = (tmp_path / "custom").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val/fid_milestone/fid" in r] == [3, 6]
+    (final,) = [r for r in rows if "eval/final/fid" in r]
+    assert final["eval/final/fid"] > 0 and final["eval/final/fid_lo"] < final["eval/final/fid_hi"]
+    provenance = json.loads((run_dir / "summary.json").read_text())["fid_provenance"]
+    assert provenance["extractor"] == "fastdiff-digits"

@@ -210,13 +210,20 @@ def test_report_files_and_plots(tmp_path):
         fids={2000: 31.0, 4000: 21.0},
         final_fid=16.0,
     )
+    for run in (base, treat):
+        stats = {
+            k: {"mean_intensity": [0.2, 0.3], "contrast": [0.4, 0.5]}
+            for k in ("samples", "training")
+        }
+        (run.path / "samples").mkdir()
+        (run.path / "samples" / "stats_0010000.json").write_text(json.dumps(stats))
     md = write_report([base, treat], tmp_path / "out")
     text = md.read_text()
     assert "MS1-e9" in text and "✅ pass" in text
-    for png in ("loss.png", "curvature.png", "fid.png", "weights.png"):
+    for png in ("loss.png", "curvature.png", "fid.png", "weights.png", "sample_stats.png"):
         assert (tmp_path / "out" / png).stat().st_size > 5000
     html = (tmp_path / "out" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5
     verdicts = json.loads((tmp_path / "out" / "report.json").read_text())
     assert verdicts["card"] == "e9"
     for crit in verdicts["criteria"]:

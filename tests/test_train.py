@@ -53,7 +53,16 @@ def test_run_directory_contents(tmp_path):
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         "grid_0000003.png",
         "grid_0000006.png",
+        "stats_0000003.json",
+        "stats_0000006.json",
     ]
+    from torchvision.io import decode_png, read_file
+
+    stats = json.loads((run_dir / "samples" / "stats_0000006.json").read_text())
+    grid = decode_png(read_file(str(run_dir / "samples" / "grid_0000006.png"))).float() / 255
+    cell = grid[:, 2:34, 2:34]  # the first sample: 2 px padding, 8x8 upscaled to 32x32
+    assert stats["samples"]["mean_intensity"][0] == pytest.approx(cell.mean().item(), abs=3e-3)
+    assert len(stats["training"]["contrast"]) == 4 and min(stats["training"]["contrast"]) > 0
     assert list(run_dir.glob("events.out.tfevents.*"))
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["step"] == 6 and saved["images_per_sec"] > 0 and saved == summary
