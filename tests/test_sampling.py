@@ -112,3 +112,74 @@ def test_unknown_sampler_and_variance_raise():
 def test_to_uint8_maps_range_endpoints():
     out = to_uint8(torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]))
     assert out.dtype == torch.uint8 and out.tolist() == [0, 0, 128, 255, 255]
+
+
+class GaussianOracle(torch.nn.Module):
+    """The exact ε-predictor for Gaussian data x0 ~ N(0, s²) in every dimension:
+    ε̂(x_t, t) = E[ε | x_t] = √(1−ᾱ_t) x_t / (ᾱ_t s² + 1 − ᾱ_t). Records each input x_t,
+    so every step of a chain can be checked, not only its end."""
+
+    def __init__(self, s, alphas_cumprod):
+        super().__init__()
+        self.s2, self.ac = s**2, alphas_cumprod.double()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(x.clone())
+        a = self.ac[t].view(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x / (a * self.s2 + 1 - a)).float()
+
+
+def _respaced(schedule, nfe):
+    """τ_i and ᾱ'_i, computed here from the schedule (evenly spaced, ending at T−1)."""
+    T = schedule.T
+    taus = [round(i * (T - 1) / (nfe - 1)) for i in range(nfe)]
+    ac = torch.cumprod(1 - schedule.betas.double(), 0)
+    return taus, [ac[t].item() for t in taus]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddpm_matches_the_gaussian_variance_recursion_at_every_step(schedule):
+    """For Gaussian data each DDPM step is linear: x_{i−1} = A_i x_i + σ_i z with the eq. 7
+    coefficients, so Var(x_{i−1}) = A_i² Var(x_i) + σ_i². A wrong posterior-mean or
+    variance coefficient shows at the step where it acts."""
+    s, nfe, n = 0.3, 8, 20000
+    sched = Schedule.make(schedule, 1000)
+    _, ac = _respaced(sched, nfe)
+    model = GaussianOracle(s, sched.alphas_cumprod)
+    out = ddpm_sample(model, (n, 1, 1, 1), sched, nfe, torch.Generator().manual_seed(0))
+    var, expected = 1.0, []
+    for i in reversed(range(nfe)):
+        expected.append(var)  # the variance of the input at this step
+        a, a_prev = ac[i], (ac[i - 1] if i else 1.0)
+        beta = 1 - a / a_prev
+        g = a**0.5 * s**2 / (a * s**2 + 1 - a)  # x̂0 = g x_t
+        A = a_prev**0.5 * beta / (1 - a) * g + (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a)
+        var = A**2 * var + (beta * (1 - a_prev) / (1 - a) if i else 0.0)
+    got = [x.double().var().item() for x in model.seen] + [out.double().var().item()]
+    assert len(model.seen) == nfe
+    assert got == pytest.approx([*expected, var], rel=0.05)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim_follows_its_deterministic_map_at_every_step(schedule):
+    """For Gaussian data each DDIM step multiplies x by D_i = √ᾱ'_{i−1} g + √(1−ᾱ'_{i−1})
+    (1 − √ᾱ'_i g)/√(1−ᾱ'_i): every intermediate x_i / x_T is a known product."""
+    s, nfe = 0.3, 6
+    sched = Schedule.make(schedule, 1000)
+    _, ac = _respaced(sched, nfe)
+    model = GaussianOracle(s, sched.alphas_cumprod)
+    out = ddim_sample(model, (64, 1, 1, 1), sched, nfe, torch.Generator().manual_seed(1))
+    x_T = model.seen[0].double()
+    factor = 1.0
+    for step, i in enumerate(reversed(range(nfe))):
+        torch.testing.assert_close(model.seen[step].double(), factor * x_T, rtol=1e-4, atol=1e-6)
+        a = ac[i]
+        g = a**0.5 * s**2 / (a * s**2 + 1 - a)
+        if i == 0:
+            factor *= g  # the last step returns x̂0
+        else:
+            a_prev = ac[i - 1]
+            factor *= a_prev**0.5 * g + (1 - a_prev) ** 0.5 * (1 - a**0.5 * g) / (1 - a) ** 0.5
+    torch.testing.assert_close(out.double(), factor * x_T, rtol=1e-4, atol=1e-6)
