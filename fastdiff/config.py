@@ -284,6 +284,22 @@ def experiment_node(name: str) -> dict:
     return node
 
 
+def experiment_yaml(name: str) -> str:
+    """The experiment as the YAML file at its card's path: rendered from EXPERIMENTS, the
+    one source of truth (``python -m fastdiff.config`` rewrites the files)."""
+    desc, node = EXPERIMENTS[name]
+    body = {"experiment": name, "defaults": node.get("defaults", [])}
+    body |= {k: v for k, v in node.items() if k != "defaults"}
+    header = [
+        "# @package _global_",
+        f"# {desc}",
+        "# Only what differs from the base config (fastdiff/config.py: Config), written by",
+        "# python -m fastdiff.config from fastdiff.config.EXPERIMENTS.",
+        f"# Run: python -m fastdiff.train --config {EXPERIMENT_FILES[name]}",
+    ]
+    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)
+
+
 def build_store() -> ZenStore:
     # Nodes are stored as they are (dataclasses, dicts): no `_target_` wrappers.
     store = ZenStore("fastdiff", overwrite_ok=True)(to_config=lambda node: node)
@@ -608,3 +624,11 @@ def flat(cfg: Config) -> dict[str, Any]:
     node = OmegaConf.to_container(OmegaConf.structured(cfg))
     node.pop("defaults", None)
     return dict(dotted(node))
+
+
+if __name__ == "__main__":  # rewrite the experiment YAML files from EXPERIMENTS
+    root = Path(__file__).resolve().parents[1]
+    for name, rel in EXPERIMENT_FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(experiment_yaml(name))
+        print(f"wrote {rel}")

@@ -12,6 +12,7 @@ from fastdiff.config import (
     EXPERIMENTS,
     ConfigError,
     compose,
+    experiment_yaml,
     overrides_from_yaml,
     to_config,
 )
@@ -69,8 +70,12 @@ def test_paired_experiments_differ_only_in_weighting():
 @pytest.mark.parametrize("name", list(EXPERIMENT_FILES))
 def test_yaml_files_agree_with_the_store(name):
     path = ROOT / EXPERIMENT_FILES[name]
-    assert path.is_file()
-    by_file = OmegaConf.to_container(compose(overrides_from_yaml(path)))
+    assert path.read_text() == experiment_yaml(name), "run python -m fastdiff.config"
+    # and read back on its own: without `experiment=`, which would load the store's node
+    # and hide a key the file lacks
+    overrides = [o for o in overrides_from_yaml(path) if not o.startswith("experiment=")]
+    by_file = OmegaConf.to_container(compose(overrides))
+    by_file["experiment"] = name
     by_name = OmegaConf.to_container(compose([f"experiment={name}"]))
     assert by_file == by_name
 
