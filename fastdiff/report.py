@@ -381,7 +381,15 @@ def _final_fid(run: Run) -> tuple[float, float | None] | None:
     return None if milestone is None else (milestone, None)
 
 
-def _fid_judge(name: str, pairs: list[Pair], measure, threshold, pass_below, fmt) -> Criterion:
+def _fid_judge(
+    name: str,
+    pairs: list[Pair],
+    measure,
+    threshold,
+    pass_below,
+    fmt,
+    missing: str = "no final FID (eval/final/fid or a milestone FID) in one of the runs",
+) -> Criterion:
     differs = fid_provenance_differs(*{r.path: r for pair in pairs for r in pair}.values())
     if differs:
         return Criterion(name, NA, differs, threshold=threshold)
@@ -393,7 +401,7 @@ def _fid_judge(name: str, pairs: list[Pair], measure, threshold, pass_below, fmt
         pass_below,
         "fid.png",
         fmt,
-        missing="no final FID (eval/final/fid or a milestone FID) in one of the runs",
+        missing=missing,
     )
 
 
@@ -456,7 +464,13 @@ def recall_kept(pairs: list[Pair], floor: float = 0.8) -> Criterion:
         return Measure(rt / rb, None, f"recall {treat.name} {rt:.3f} vs {base.name} {rb:.3f}")
 
     return _fid_judge(
-        f"no mode collapse: recall ≥ {floor:g}× vanilla's", pairs, measure, floor, False, _times
+        f"no mode collapse: recall ≥ {floor:g}× vanilla's",
+        pairs,
+        measure,
+        floor,
+        False,
+        _times,
+        missing="no eval/final/recall in one of the runs",
     )
 
 
@@ -740,18 +754,32 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
             ax.legend(fontsize=7)
         save(fig, "loss_by_snr.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # w(t) is a function of SNR alone; what the schedule changes is how many timesteps
+    # sit at each SNR, so: w against t, and log-SNR against t with the γ line.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     gammas = sorted({r.gamma for r in runs if r.weighting == "minsnr"}) or [5.0]
+    t = np.arange(1000)
     for schedule, style in (("linear", "-"), ("cosine", "--")):
         sched = Schedule.make(schedule, 1000)
         lsnr = np.log(snr(sched.alphas_cumprod).numpy())
-        for weighting in ("uniform", "minsnr"):
-            for gamma in gammas if weighting == "minsnr" else [None]:
-                w = sched.loss_weights(weighting, gamma or 5.0).numpy()
-                name = "uniform" if gamma is None else f"Min-SNR γ={gamma:g}"
-                ax.plot(lsnr, w, style, label=f"{name}, {schedule} β")
-    ax.set(title="loss weight w(t) vs log-SNR", xlabel="log SNR(t)", ylabel="w(t)")
-    ax.legend(fontsize=7)
+        for gamma in gammas:
+            w = sched.loss_weights("minsnr", gamma).numpy()
+            share = float((w < 1).mean())
+            axes[0].plot(
+                t, w, style, label=f"Min-SNR γ={gamma:g}, {schedule} β ({share:.0%} of t below 1)"
+            )
+        axes[1].plot(t, lsnr, style, label=f"{schedule} β")
+    for gamma in gammas:
+        axes[1].axhline(np.log(gamma), color="0.4", lw=0.8, label=f"log γ = log {gamma:g}")
+    axes[0].axhline(1.0, color="0.6", lw=0.8, label="uniform")
+    axes[0].set(title="loss weight w(t)", xlabel="timestep t", ylabel="w(t)")
+    axes[1].set(
+        title="log-SNR(t): Min-SNR lowers the weight above the γ line",
+        xlabel="timestep t",
+        ylabel="log SNR",
+    )
+    for ax in axes:
+        ax.legend(fontsize=7)
     save(fig, "weights.png")
 
     if any(len(r.series(FID_MILESTONE)[0]) or r.value(FID_FINAL) is not None for r in runs):
