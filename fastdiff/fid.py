@@ -347,7 +347,7 @@ class FIDEvaluator:
             boot = bootstrap_fid(
                 feats.double().numpy(), ref_stats["mu"], ref_stats["sigma"], bootstrap, seed
             )
-            out |= {"fid_lo": boot["lo"], "fid_hi": boot["hi"], "fid_se": boot["se"]}
+            out |= {f"fid_{k}": boot[k] for k in ("lo", "hi", "se", "debiased")}
         return out
 
 

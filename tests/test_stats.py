@@ -108,5 +108,6 @@ def test_fid_bootstrap_covers_the_true_distance_at_about_its_nominal_rate():
         x = mu1 + rng.normal(size=(n, d)) @ chol.T
         out = bootstrap_fid(x, mu2, s2, resamples=200, seed=trial)
         hits += out["lo"] <= truth <= out["hi"]
-        assert out["lo"] < out["fid"] < out["hi"] and out["se"] > 0
+        assert 0 <= out["lo"] < out["hi"] and out["se"] > 0
+        assert out["debiased"] == pytest.approx((out["lo"] + out["hi"]) / 2, abs=3 * out["se"])
     assert 0.88 <= hits / trials <= 0.99
