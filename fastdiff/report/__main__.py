@@ -1,0 +1,3 @@
+from fastdiff.report.render import main
+
+raise SystemExit(main())

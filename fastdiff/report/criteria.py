@@ -1,0 +1,584 @@
+"""The cards' criteria: each an estimate with a 95% interval and a three-way verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastdiff.report.runs import (
+    CARD_STEPS,
+    FID_FINAL,
+    FID_MILESTONE,
+    TRACE,
+    TRACE_UNW,
+    Pair,
+    Run,
+    pairs_of,
+)
+from fastdiff.stats import (
+    FAIL,
+    INCONCLUSIVE,
+    NA,
+    PASS,
+    Measure,
+    interval,
+    seeds_needed,
+    verdict,
+)
+
+
+# -------------------------------------------------------------------- criteria
+@dataclass
+class Criterion:
+    name: str
+    status: str
+    detail: str
+    figure: str = ""
+    estimate: float | None = None
+    interval: tuple[float, float] | None = None
+    threshold: float | None = None
+    method: str = ""
+    seeds: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+    seeds_needed: int | None = None
+
+    def as_json(self) -> dict:
+        def num(x):
+            return x if x is None or np.isfinite(x) else str(x)
+
+        return {
+            "name": self.name,
+            "status": self.status,
+            "estimate": num(self.estimate),
+            "interval": None if self.interval is None else [num(v) for v in self.interval],
+            "threshold": self.threshold,
+            "method": self.method,
+            "n_seeds": len(self.seeds),
+            "seeds": self.seeds,
+            "values": self.values,
+            "seeds_needed": self.seeds_needed,
+            "detail": self.detail,
+        }
+
+
+def window(steps: np.ndarray, values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return values[(steps >= lo) & (steps <= hi)]
+
+
+def scale_steps(run: Run, step: float) -> float:
+    """A card step (out of 10k) mapped onto a shorter or longer run."""
+    return step * run.total_steps / CARD_STEPS
+
+
+def stderr_key(key: str) -> str:
+    """The standard-error series logged beside a curvature mean (probe vectors and
+    samples together)."""
+    return key.replace("_mean", "_stderr_total", 1)
+
+
+def window_mean(run: Run, key: str, lo: float, hi: float) -> tuple[float, float | None] | None:
+    """Mean of ``key`` over steps [lo, hi] and its standard error (from the logged
+    per-step standard errors; None if the run logged none)."""
+    steps, values = run.series(key)
+    inside = (steps >= lo) & (steps <= hi)
+    if not inside.any():
+        return None
+    se_steps, se_values = run.series(stderr_key(key))
+    se = None
+    if len(se_values) == len(values) and np.array_equal(se_steps, steps):
+        se = float(np.sqrt((se_values[inside] ** 2).sum()) / inside.sum())
+    return float(values[inside].mean()), se
+
+
+def relative_change(treat: float, base: float) -> float:
+    return (treat - base) / abs(base)
+
+
+def change_measure(t: tuple, b: tuple, detail: str) -> Measure:
+    """(mt − mb)/|mb| with its delta-method standard error."""
+    (mt, st), (mb, sb) = t, b
+    se = None if st is None or sb is None else np.hypot(st, mt / mb * sb) / abs(mb)
+    return Measure(relative_change(mt, mb), se, detail)
+
+
+def ratio_measure(t: tuple, b: tuple, detail: str) -> Measure:
+    (mt, st), (mb, sb) = t, b
+    r = mt / mb
+    se = None if st is None or sb is None else abs(r) * np.hypot(st / mt, sb / mb)
+    return Measure(r, se, detail)
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def _times(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def by_seed(pairs: list[Pair]) -> list[tuple[int, Pair]]:
+    return [(base.seed, (base, treat)) for base, treat in pairs]
+
+
+def judge(
+    name: str,
+    items: list[tuple[int, tuple]],
+    measure,
+    threshold: float,
+    pass_below: bool,
+    figure: str = "",
+    fmt=_pct,
+    missing: str = "no data",
+) -> Criterion:
+    """``measure(*args)`` for every (seed, args) item, then the three-way verdict on the
+    interval (over seeds when several, the run's own standard error when one)."""
+    got = [(seed, measure(*args)) for seed, args in items]
+    have = [(seed, m) for seed, m in got if m is not None]
+    if not have:
+        return Criterion(name, NA, missing, threshold=threshold)
+    iv = interval([m for _, m in have])
+    status = verdict(iv, threshold, pass_below)
+    seeds = [seed for seed, _ in have]
+    text = f"{fmt(iv.estimate)} [{fmt(iv.lo)}, {fmt(iv.hi)}] ({iv.method}, {len(have)} seed"
+    text += f"{'s' if len(have) > 1 else ''})"
+    if len(have) == 1:
+        text += f"; {have[0][1].detail}"
+    if len(have) < len(got):
+        text += f"; {len(got) - len(have)} seed pair(s) without data left out"
+    need = None
+    if status == INCONCLUSIVE:
+        need = seeds_needed(iv, threshold)
+        side = "≤" if pass_below else "≥"
+        text += f"; straddles {side} {fmt(threshold)}: ~{need} seeds would decide it at this spread"
+    return Criterion(
+        name,
+        status,
+        text,
+        figure,
+        iv.estimate,
+        (iv.lo, iv.hi),
+        threshold,
+        iv.method,
+        seeds,
+        [m.value for _, m in have],
+        need,
+    )
+
+
+def curvature_reduction(
+    pairs: list[Pair],
+    key: str = TRACE,
+    lo: float = 6000,
+    hi: float = 10000,
+    divide_by_mean_weight: bool = False,
+    threshold: float = 0.15,
+    base_key: str | None = None,
+) -> Criterion:
+    """W1-E6: mean trace over [lo, hi] (card steps) at least ``threshold`` lower."""
+    base0 = pairs[0][0]
+    lo_s, hi_s = scale_steps(base0, lo), scale_steps(base0, hi)
+
+    def measure(base: Run, treat: Run):
+        means = []
+        for run, k in ((base, base_key or key), (treat, key)):
+            m = window_mean(run, k, lo_s, hi_s)
+            if m is None:
+                return None
+            if divide_by_mean_weight:
+                w = run.value("loss/mean_weight") or 1.0
+                m = (m[0] / w, None if m[1] is None else m[1] / w)
+            means.append(m)
+        return change_measure(
+            means[1],
+            means[0],
+            f"{treat.name} {means[1][0]:.4g} vs {base.name} {means[0][0]:.4g}",
+        )
+
+    what = "unweighted trace" if key == TRACE_UNW else key
+    name = f"mean {what} over steps {lo_s:g}–{hi_s:g} ≥{threshold:.0%} lower"
+    if divide_by_mean_weight:
+        name += " (÷ mean weight)"
+    return judge(
+        name,
+        by_seed(pairs),
+        measure,
+        -threshold,
+        True,
+        "curvature.png",
+        missing=f"no {key} in steps {lo_s:g}–{hi_s:g} of one of the runs",
+    )
+
+
+def spike_count(pairs: list[Pair], lo: float = 2000, hi: float = 10000, factor: float = 1.5):
+    """W1-E6: fewer points above ``factor`` × the baseline's median trace in [lo, hi]:
+    the difference of the counts, with a Poisson standard error √(n_t + n_b)."""
+    base0 = pairs[0][0]
+    lo_s, hi_s = scale_steps(base0, lo), scale_steps(base0, hi)
+
+    def measure(base: Run, treat: Run):
+        b = window(*base.series(TRACE), lo_s, hi_s)
+        t = window(*treat.series(TRACE), lo_s, hi_s)
+        if not len(b) or not len(t):
+            return None
+        limit = factor * float(np.median(b))
+        nb, nt = int((b > limit).sum()), int((t > limit).sum())
+        return Measure(
+            nt - nb,
+            float(np.sqrt(nt + nb)),
+            f"limit {limit:.4g}: {treat.name} {nt}/{len(t)} points, {base.name} {nb}/{len(b)}",
+        )
+
+    return judge(
+        f"fewer spikes > {factor}× the baseline's median trace (steps {lo_s:g}–{hi_s:g})",
+        by_seed(pairs),
+        measure,
+        -0.5,  # counts are whole: "fewer" is a difference of at most −1
+        True,
+        "curvature.png",
+        fmt=lambda x: f"{x:+.1f}",
+        missing=f"no {TRACE} in that range of one of the runs",
+    )
+
+
+FID_DIFFERS = "not evaluable: FIDs computed against different references"
+
+
+def fid_provenance_differs(*runs: Run) -> str | None:
+    """Why these runs' FIDs cannot be compared (None: they can): implementations,
+    weights and references alone move FID by several percent."""
+    found = [r.summary.get("fid_provenance") for r in runs]
+    if all(p is None for p in found) or all(p == found[0] for p in found):
+        return None
+    keys = sorted(
+        {k for p in found if p for k in p if any((q or {}).get(k) != p.get(k) for q in found)}
+    )
+    return f"{FID_DIFFERS} ({', '.join(keys) or 'one run has no record'} differ)"
+
+
+def _final_fid(run: Run) -> tuple[float, float | None] | None:
+    """The final FID and its bootstrap standard error (else the last milestone's, which
+    carries none)."""
+    final = run.value(FID_FINAL)
+    if final is not None:
+        return final, run.value(FID_FINAL + "_se")
+    milestone = run.value(FID_MILESTONE)
+    return None if milestone is None else (milestone, None)
+
+
+def _fid_judge(
+    name: str,
+    pairs: list[Pair],
+    measure,
+    threshold,
+    pass_below,
+    fmt,
+    missing: str = "no final FID (eval/final/fid or a milestone FID) in one of the runs",
+) -> Criterion:
+    differs = fid_provenance_differs(*{r.path: r for pair in pairs for r in pair}.values())
+    if differs:
+        return Criterion(name, NA, differs, threshold=threshold)
+    return judge(
+        name,
+        by_seed(pairs),
+        measure,
+        threshold,
+        pass_below,
+        "fid.png",
+        fmt,
+        missing=missing,
+    )
+
+
+def _fid_change(base: Run, treat: Run):
+    fb, ft = _final_fid(base), _final_fid(treat)
+    if fb is None or ft is None:
+        return None
+    return change_measure(ft, fb, f"{treat.name} {ft[0]:.2f} vs {base.name} {fb[0]:.2f}")
+
+
+def fid_band(pairs: list[Pair], max_increase: float = 0.10) -> list[Criterion]:
+    """W1-E6: final FID no worse than +10%; and whether it improved by 5–10%."""
+    return [
+        _fid_judge(
+            f"final FID no worse than +{max_increase:.0%}",
+            pairs,
+            _fid_change,
+            max_increase,
+            True,
+            _pct,
+        ),
+        _fid_judge("final FID improved by ≥5%", pairs, _fid_change, -0.05, True, _pct),
+    ]
+
+
+def fid_ratio(pairs: list[Pair], which: str) -> Criterion:
+    """MS1-e9: Min-SNR's FID within 30% of vanilla (success); ≥2× is the pathology."""
+
+    def pick(run: Run):
+        if which == "best":
+            _, v = run.series(FID_MILESTONE)
+            final = _final_fid(run)
+            vals = [(x, None) for x in v.tolist()] + ([final] if final else [])
+            return min(vals, key=lambda m: m[0]) if vals else None
+        return _final_fid(run)
+
+    def measure(base: Run, treat: Run):
+        fb, ft = pick(base), pick(treat)
+        if fb is None or ft is None:
+            return None
+        r = ft[0] / fb[0]
+        word = "PATHOLOGY" if r >= 2 else ("within band" if r <= 1.3 else "outside band")
+        return ratio_measure(
+            ft, fb, f"{treat.name} {ft[0]:.2f} / {base.name} {fb[0]:.2f} = {r:.2f}× ({word})"
+        )
+
+    return _fid_judge(
+        f"{which} FID within 30% of vanilla (pathology at ≥2×)", pairs, measure, 1.3, True, _times
+    )
+
+
+def recall_kept(pairs: list[Pair], floor: float = 0.8) -> Criterion:
+    """MS1-e9 "mode collapse": Min-SNR's recall (torch-fidelity prc, final samples) at
+    least ``floor`` × vanilla's. fastdiff's rule; recall carries no within-run SE."""
+
+    def measure(base: Run, treat: Run):
+        rb, rt = base.value("eval/final/recall"), treat.value("eval/final/recall")
+        if rb is None or rt is None or rb == 0:
+            return None
+        return Measure(rt / rb, None, f"recall {treat.name} {rt:.3f} vs {base.name} {rb:.3f}")
+
+    return _fid_judge(
+        f"no mode collapse: recall ≥ {floor:g}× vanilla's",
+        pairs,
+        measure,
+        floor,
+        False,
+        _times,
+        missing="no eval/final/recall in one of the runs",
+    )
+
+
+def completed(run: Run) -> Criterion:
+    _, losses = run.series("train/loss")
+    finite = (
+        bool(len(losses))
+        and bool(np.isfinite(losses).all())
+        and not run.summary.get("diverged", False)
+    )
+    done = run.summary.get("step", 0) >= run.total_steps
+    ok = finite and done
+    return Criterion(
+        f"{run.name} (seed {run.seed}) completed {run.total_steps} steps without NaN/inf",
+        PASS if ok else FAIL,
+        f"reached step {run.summary.get('step', 'unknown')}, "
+        f"loss {'finite' if finite else 'NOT finite (or missing)'}",
+        "loss.png",
+        seeds=[run.seed],
+    )
+
+
+EXPLODE_FACTOR = 3.0
+
+
+def exploding_curvature(pairs: list[Pair], burn_in: float = 2000) -> Criterion:
+    """Rule: after burn-in, the treatment's trace stays below EXPLODE_FACTOR × the
+    baseline's at the same probe step (the worst step's ratio, with its SE)."""
+    lo = scale_steps(pairs[0][0], burn_in)
+
+    def measure(base: Run, treat: Run):
+        sb, vb = base.series(TRACE)
+        st, vt = treat.series(TRACE)
+        common = sorted(set(sb[sb >= lo].tolist()) & set(st[st >= lo].tolist()))
+        if not common:
+            return None
+        se_b = dict(zip(*base.series(stderr_key(TRACE))))
+        se_t = dict(zip(*treat.series(stderr_key(TRACE))))
+        ratios = []
+        for s in common:
+            b, t = float(vb[sb == s][-1]), float(vt[st == s][-1])
+            if b != 0:
+                ratios.append((t / b, s, (t, se_t.get(s)), (b, se_b.get(s))))
+        if not ratios:
+            return None
+        worst, step, t, b = max(ratios)
+        return ratio_measure(
+            t, b, f"worst ratio {worst:.2f}× at step {step:g} over {len(common)} probe steps"
+        )
+
+    return judge(
+        f"no exploding curvature unique to Min-SNR (trace < {EXPLODE_FACTOR:g}× vanilla's "
+        f"after step {lo:g})",
+        by_seed(pairs),
+        measure,
+        EXPLODE_FACTOR,
+        True,
+        "curvature.png",
+        _times,
+        missing=f"no common probe steps ≥ {lo:g} with {TRACE}",
+    )
+
+
+def loss_pathology(pairs: list[Pair]) -> Criterion:
+    """Min-SNR-only loss pathology: treatment's unweighted ε-MSE over the last quarter
+    at least 2× the baseline's (the weighted losses are not comparable in scale)."""
+    key = "train/mse_unweighted"
+
+    def last_quarter(run: Run):
+        s, v = run.series(key)
+        v = window(s, v, 0.75 * run.total_steps, run.total_steps)
+        if not len(v):
+            return None
+        return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+
+    def measure(base: Run, treat: Run):
+        b, t = last_quarter(base), last_quarter(treat)
+        if b is None or t is None:
+            return None
+        return ratio_measure(t, b, f"{treat.name} {t[0]:.4g} vs {base.name} {b[0]:.4g}")
+
+    return judge(
+        "no loss pathology unique to Min-SNR (unweighted ε-MSE, last quarter, < 2× vanilla's)",
+        by_seed(pairs),
+        measure,
+        2.0,
+        True,
+        "loss.png",
+        _times,
+        missing=f"no {key} in the last quarter of one run",
+    )
+
+
+def fid_gap_persists(linear: list[Pair], cosine: list[Pair]) -> Criterion:
+    """Whether Min-SNR's FID gap (ratio to vanilla) is larger under cosine than linear,
+    per seed: gap_cosine − gap_linear ≤ 0 passes."""
+    lin = {b.seed: (b, t) for b, t in linear}
+    both = [(lin[b.seed], (b, t)) for b, t in cosine if b.seed in lin]
+    name = "FID gap (Min-SNR / vanilla) no worse under cosine than linear"
+    if not both:
+        return Criterion(name, NA, "no linear pair with the cosine pair's seeds", threshold=0.0)
+
+    def gap(pair: Pair):
+        fb, ft = _final_fid(pair[0]), _final_fid(pair[1])
+        return None if fb is None or ft is None else ratio_measure(ft, fb, "")
+
+    def measure(lin_pair: Pair, cos_pair: Pair):
+        gl, gc = gap(lin_pair), gap(cos_pair)
+        if gl is None or gc is None:
+            return None
+        se = None if gl.se is None or gc.se is None else float(np.hypot(gl.se, gc.se))
+        return Measure(gc.value - gl.value, se, f"linear {gl.value:.2f}×, cosine {gc.value:.2f}×")
+
+    differs = fid_provenance_differs(*[r for pair in both for p in pair for r in p])
+    if differs:
+        return Criterion(name, NA, differs, threshold=0.0)
+    return judge(
+        name,
+        [(cos_pair[0].seed, (lin_pair, cos_pair)) for lin_pair, cos_pair in both],
+        measure,
+        0.0,
+        True,
+        "fid.png",
+        lambda x: f"{x:+.2f}",
+        missing="final FID missing in the linear or cosine pair",
+    )
+
+
+def confound_sentence(card: Criterion, unweighted: Criterion, rescaled: Criterion) -> str:
+    statuses = {unweighted.status, rescaled.status}
+    if card.status == NA:
+        return "The card's curvature verdict is not evaluable, so the confound cannot be checked."
+    if NA in statuses:
+        return (
+            "The unweighted trace was not logged for both runs, so whether the verdict "
+            "survives the loss-scale confound cannot be said."
+        )
+    if card.status == INCONCLUSIVE:
+        return (
+            "The card's curvature verdict is inconclusive; the unweighted comparisons give "
+            f"{unweighted.status} / {rescaled.status}."
+        )
+    if card.status == PASS and statuses == {PASS}:
+        return (
+            "The card's verdict survives the loss-scale confound: the trace is also lower "
+            "on the unweighted loss and after dividing by the mean weight."
+        )
+    if card.status == PASS and FAIL in statuses:
+        return (
+            "The card's verdict does not survive the loss-scale confound: part or all of "
+            "the lower trace is Min-SNR's smaller mean weight, not a flatter landscape."
+        )
+    if card.status == PASS:
+        return (
+            "Whether the card's verdict survives the loss-scale confound is inconclusive: "
+            f"the unweighted comparisons give {unweighted.status} / {rescaled.status}."
+        )
+    return (
+        "The card's criterion failed on the weighted trace; the unweighted comparisons "
+        f"give {unweighted.status} / {rescaled.status}."
+    )
+
+
+def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[str]]:
+    notes = []
+    if card is None:
+        return [completed(r) for r in runs], notes
+    pairs = pairs_of(runs, "linear" if card == "e6" else "cosine") or pairs_of(runs)
+    if not pairs:
+        return [
+            Criterion(
+                "paired runs present", NA, "need uniform and Min-SNR runs with a seed in common"
+            )
+        ], notes
+    base = pairs[0][0]
+    seeds = [b.seed for b, _ in pairs]
+    notes.append(
+        f"{len(pairs)} seed pair(s) ({', '.join(map(str, seeds))}): intervals are "
+        + (
+            "paired t-intervals over seeds."
+            if len(pairs) > 1
+            else "from within-run standard errors."
+        )
+    )
+    if base.total_steps != CARD_STEPS:
+        notes.append(
+            f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
+            f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}."
+        )
+    lo = card_crit_lo(card)
+    if card == "e6":
+        card_crit = curvature_reduction(pairs)
+        crits = [card_crit, spike_count(pairs), *fid_band(pairs)]
+    else:
+        card_crit = curvature_reduction(pairs, lo=2000)
+        crits = [completed(r) for pair in pairs for r in pair]
+        crits += [
+            fid_ratio(pairs, "best"),
+            fid_ratio(pairs, "final"),
+            recall_kept(pairs),
+            loss_pathology(pairs),
+            exploding_curvature(pairs),
+        ]
+        linear = pairs_of(runs, "linear")
+        if linear:
+            crits.append(fid_gap_persists(linear, pairs))
+    unw = curvature_reduction(pairs, TRACE_UNW, lo=lo, base_key=_unweighted_key(base))
+    rescaled = curvature_reduction(pairs, lo=lo, divide_by_mean_weight=True)
+    crits += [unw, rescaled]
+    notes.append(confound_sentence(card_crit, unw, rescaled))
+    if any(c.status == INCONCLUSIVE for c in crits):
+        notes.append(
+            "Inconclusive: the 95% interval straddles the threshold, so these runs cannot "
+            "say which side the arms are on; the detail says about how many seeds the "
+            "observed spread would need (python -m fastdiff.study CARD --seeds N)."
+        )
+    return crits, notes
+
+
+def card_crit_lo(card: str) -> float:
+    return 6000 if card == "e6" else 2000
+
+
+def _unweighted_key(base: Run) -> str:
+    """A uniform baseline's trace is already the unweighted one."""
+    return TRACE_UNW if base.series(TRACE_UNW)[0].size else TRACE

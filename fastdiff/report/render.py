@@ -1,0 +1,180 @@
+"""REPORT.md, report.html and report.json, and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+from pathlib import Path
+
+from fastdiff.report.criteria import (
+    evaluate,
+)
+from fastdiff.report.plots import (
+    make_plots,
+)
+from fastdiff.report.runs import (
+    FID_FINAL,
+    TRACE,
+    Run,
+    detect_card,
+)
+from fastdiff.stats import (
+    FAIL,
+    INCONCLUSIVE,
+    NA,
+    PASS,
+)
+
+
+def card_table(runs: list[Run]) -> str:
+    keys = [
+        ("train/loss", "final train/loss"),
+        ("train/mse_unweighted", "final unweighted MSE"),
+        (TRACE, "final hutch_trace_mean"),
+        (FID_FINAL, "eval/final/fid"),
+        ("loss/mean_weight", "mean weight"),
+    ]
+    head = "| run | seed | steps | " + " | ".join(label for _, label in keys) + " | img/s |"
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for run in sorted(runs, key=lambda r: (r.label, r.seed)):
+        cells = []
+        for key, _ in keys:
+            v = run.value(key)
+            cell = "—" if v is None else f"{v:.4g}"
+            lo, hi = run.value(key + "_lo"), run.value(key + "_hi")
+            if v is not None and lo is not None and hi is not None:
+                cell += f" [{lo:.4g}, {hi:.4g}]"
+            cells.append(cell)
+        ips = run.summary.get("images_per_sec")
+        lines.append(
+            f"| {run.label} | {run.seed} | {run.summary.get('step', '—')} | "
+            + " | ".join(cells)
+            + f" | {'—' if ips is None else f'{ips:.1f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def provenance_lines(runs: list[Run]) -> list[str]:
+    """How each run's FID was computed, once per run."""
+    lines = []
+    for run in runs:
+        p = run.summary.get("fid_provenance")
+        if p is None:
+            continue
+        ref = p.get("reference", {})
+        against = (
+            f"statistics {ref['stats_file']} (sha256 {ref['stats_sha256'][:12]})"
+            if "stats_file" in ref
+            else f"training set {ref.get('data_sha256')} ({ref.get('count')} images)"
+        )
+        lines.append(
+            f"- {run.name}: {p['extractor']} ({p['layer']}, {p['resize']}), weights sha256 "
+            f"{p['weights_sha256'][:12]}, torch-fidelity {p['torch_fidelity']}, against "
+            f"{against}; {p['sampler']} NFE {p['nfe']}, {p['final_samples']} final samples"
+        )
+    return ["## How FID was computed", "", *lines, ""] if lines else []
+
+
+ICON = {PASS: "✅ pass", FAIL: "❌ fail", INCONCLUSIVE: "🟡 inconclusive", NA: "⚪ not evaluable"}
+
+
+def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    card = card or detect_card(runs)
+    figures = make_plots(runs, out)
+    crits, notes = evaluate(runs, card)
+    title = {
+        "e6": "W1-E6 — Min-SNR vs vanilla ε-MSE, curvature under linear β",
+        "e9": "MS1-e9 — Min-SNR vs vanilla ε-MSE under cosine β",
+    }.get(card, "Run report")
+    md = [
+        f"# {title}",
+        "",
+        "Runs: " + ", ".join(f"`{r.path}`" for r in runs),
+        "",
+        card_table(runs),
+        "",
+        "## Criteria",
+        "",
+        "Each estimate has its 95% interval in brackets. A criterion passes or fails only "
+        "when the whole interval lies on one side of its threshold.",
+        "",
+        "| criterion | result | estimate [95% interval] and numbers | figure |",
+        "|---|---|---|---|",
+    ]
+    md += [f"| {c.name} | {ICON[c.status]} | {c.detail} | {c.figure} |" for c in crits]
+    md += ["", *[f"- {n}" for n in notes], ""]
+    md += provenance_lines(runs)
+    for fig in figures:
+        md += [f"![{fig}]({fig})", ""]
+    text = "\n".join(md)
+    (out / "REPORT.md").write_text(text)
+    (out / "report.html").write_text(_html(text, out, figures))
+    verdicts = {
+        "card": card,
+        "runs": [str(r.path) for r in runs],
+        "criteria": [c.as_json() for c in crits],
+        "notes": notes,
+    }
+    (out / "report.json").write_text(json.dumps(verdicts, indent=1) + "\n")
+    return out / "REPORT.md"
+
+
+def _html(md: str, out: Path, figures: list[str]) -> str:
+    """A minimal self-contained page: tables and lists from the markdown, images inlined."""
+    import html
+
+    body, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            body.append(f"<p>• {html.escape(line[2:])}</p>")
+        elif line.startswith("!["):
+            name = line[line.index("(") + 1 : -1]
+            data = base64.b64encode((out / name).read_bytes()).decode()
+            body.append(f'<img alt="{name}" src="data:image/png;base64,{data}">')
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:100%}"
+    )
+    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.report",
+        description="Plots, criteria and verdicts for a card's runs.",
+    )
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
+    parser.add_argument("--card", choices=["e6", "e9"], help="default: from the experiment names")
+    parser.add_argument("--out", type=Path, help="default: <first run>/report")
+    args = parser.parse_args(argv)
+    try:
+        runs = [Run.load(p) for p in args.runs]
+    except FileNotFoundError as err:
+        print(f"fastdiff.report: error: {err}")
+        return 2
+    path = write_report(runs, args.out or runs[0].path / "report", args.card)
+    print(f"wrote {path} and {path.with_name('report.html')}")
+    return 0

@@ -1,0 +1,146 @@
+"""Loading runs, grouping them into arms and pairing the arms by seed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+CARD_STEPS = 10_000  # the cards' run length; criteria windows scale with shorter runs
+FID_MILESTONE, FID_FINAL = "val/fid_milestone/fid", "eval/final/fid"
+TRACE = "curvature/hutch_trace_mean"
+TRACE_UNW = "curvature/hutch_trace_mean_unweighted"
+# Config keys that do not make a run another arm: where it ran, and the seed it pairs by.
+NOT_ARM = {("train", "seed"), ("train", "run_dir"), ("train", "resume"), ("train", "runs_root")}
+
+
+# --------------------------------------------------------------------- loading
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    rows: list[dict]
+    summary: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        path = Path(path)
+        if not (path / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{path} is not a fastdiff run directory (no metrics.jsonl)")
+        rows = [
+            json.loads(line)
+            for line in (path / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        config = (
+            yaml.safe_load((path / "config.yaml").read_text())
+            if (path / "config.yaml").is_file()
+            else {}
+        )
+        summary = (
+            json.loads((path / "summary.json").read_text())
+            if (path / "summary.json").is_file()
+            else {}
+        )
+        return cls(path, config, rows, summary)
+
+    @property
+    def name(self) -> str:
+        return self.config.get("experiment") or self.path.name
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("train", {}).get("seed", 0))
+
+    @property
+    def arm(self) -> str:
+        """The run's config without its seed and location: runs of one arm share it."""
+        node = {k: v for k, v in self.config.items() if k not in ("parent", "defaults")}
+        node = {
+            g: (
+                {k: v for k, v in sub.items() if (g, k) not in NOT_ARM}
+                if isinstance(sub, dict)
+                else sub
+            )
+            for g, sub in node.items()
+        }
+        return json.dumps(node, sort_keys=True, default=str)
+
+    @property
+    def weighting(self) -> str:
+        return self.config.get("loss", {}).get("weighting", "uniform")
+
+    @property
+    def schedule(self) -> str:
+        return self.config.get("diffusion", {}).get("beta_schedule", "?")
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.config.get("train", {}).get("total_steps", CARD_STEPS))
+
+    @property
+    def gamma(self) -> float:
+        return float(self.config.get("loss", {}).get("minsnr_gamma", 5.0))
+
+    @property
+    def label(self) -> str:
+        w = self.weighting
+        if w == "minsnr":
+            w = f"Min-SNR γ={self.config.get('loss', {}).get('minsnr_gamma', '?'):g}"
+        return f"{self.name} ({self.schedule} β, {w})"
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(r["step"], float(r[key])) for r in self.rows if key in r]
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        steps, values = zip(*pts)
+        return np.asarray(steps, float), np.asarray(values, float)
+
+    def value(self, key: str) -> float | None:
+        _, v = self.series(key)
+        return float(v[-1]) if len(v) else None
+
+    def final_sample_stats(self) -> dict | None:
+        """Per-sample mean intensity and contrast of the final grid and of as many
+        training images (written beside the grids)."""
+        found = sorted((self.path / "samples").glob("stats_*.json"))
+        return json.loads(found[-1].read_text()) if found else None
+
+    def final_grid(self) -> Path | None:
+        grids = sorted((self.path / "samples").glob("grid_*.png"))
+        return grids[-1] if grids else None
+
+
+Pair = tuple[Run, Run]  # (vanilla, Min-SNR) runs of one seed
+
+
+def detect_card(runs: list[Run]) -> str | None:
+    names = {r.name for r in runs}
+    if {"e9a", "e9b"} <= names:
+        return "e9"
+    if {"e5", "e6"} <= names:
+        return "e6"
+    return None
+
+
+def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by arm (config without seed), each arm's runs sorted by seed."""
+    arms: dict[str, list[Run]] = {}
+    for run in runs:
+        arms.setdefault(run.arm, []).append(run)
+    return {k: sorted(v, key=lambda r: r.seed) for k, v in arms.items()}
+
+
+def pairs_of(runs: list[Run], schedule: str | None = None) -> list[Pair]:
+    """(vanilla, Min-SNR) runs paired by seed, optionally under one β schedule: the
+    largest uniform arm against the largest Min-SNR arm."""
+    arms = [a for a in group_arms(runs).values() if schedule in (None, a[0].schedule)]
+    base = max((a for a in arms if a[0].weighting == "uniform"), key=len, default=None)
+    treat = max((a for a in arms if a[0].weighting != "uniform"), key=len, default=None)
+    if base is None or treat is None:
+        return []
+    by_seed = {r.seed: r for r in treat}
+    return [(b, by_seed[b.seed]) for b in base if b.seed in by_seed]
