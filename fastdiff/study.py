@@ -28,13 +28,22 @@ STUDIES = {"e9": ("e9a", "e9b"), "e6": ("e5", "e6")}
 CARD_SEED = 1077  # the cards' seed; --seeds N adds 2077, 3077, ...
 
 
+MOST_SEEDS = 100  # a larger count is a seed typed without its comma
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'3' -> the card's seed and two more; '1077,2001' -> those seeds."""
+    """'3' -> the card's seed and two more; '1077,2001' (or '1077,') -> those seeds."""
     try:
         if "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
-            seeds = [CARD_SEED + 1000 * i for i in range(int(text))]
+            count = int(text)
+            if count > MOST_SEEDS:
+                raise argparse.ArgumentTypeError(
+                    f"--seeds {text} asks for {count} seeds: for the seed {text} itself "
+                    f"write --seeds {text}, (a list, here of one)"
+                )
+            seeds = [CARD_SEED + 1000 * i for i in range(count)]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--seeds takes a count (3) or a comma-separated list (1077,2001), got {text!r}"
@@ -60,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=parse_seeds,
         default=[CARD_SEED],
-        help="a count (3: 1077, 2077, 3077) or a list (1077,2001,3003); default: 1077",
+        help="a count (3: 1077, 2077, 3077) or a list (1077,2001,3003; one seed: 1077,); "
+        "default: 1077",
     )
     parser.add_argument(
         "--launch",

@@ -264,12 +264,22 @@ def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
     exploding = [c for c in verdicts["criteria"] if c["name"].startswith("no exploding")]
     assert exploding[0]["n_seeds"] == 2 and exploding[0]["method"] == "seeds (paired t)"
     assert all(c["status"] in {PASS, FAIL, INCONCLUSIVE, NA} for c in verdicts["criteria"])
-    # the same study again: every run is finished, so nothing is retrained or rewritten
+    # the study again (its first seed, to keep this test short): those runs are
+    # finished, so nothing is retrained or rewritten, and the report still pools both
     summaries = {p: p.read_bytes() for p in root.glob("*/seed*/summary.json")}
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [*cmd[: cmd.index("--seeds") + 1], "1077,", *cmd[cmd.index("--seeds") + 2 :]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stderr.count("nothing to do") == 4
+    assert again.stderr.count("nothing to do") == 2
     assert {p: p.read_bytes() for p in summaries} == summaries
+    verdicts = json.loads((root / "report" / "report.json").read_text())
+    assert [c["n_seeds"] for c in verdicts["criteria"] if c["name"].startswith("no exploding")] == [
+        2
+    ]
 
 
 def _with_provenance(run, **changes):
@@ -385,3 +395,13 @@ def test_report_groups_runs_into_arms_and_pairs_them_by_seed(tmp_path):
     assert card["n_seeds"] == 2 and card["seeds"] == [1, 2]
     assert card["status"] in {PASS, INCONCLUSIVE}
     assert card["interval"][0] < card["estimate"] < card["interval"][1]
+
+
+def test_study_seeds_argument():
+    from fastdiff.study import parse_seeds
+
+    assert parse_seeds("3") == [1077, 2077, 3077]
+    assert parse_seeds("1077,2001") == [1077, 2001] and parse_seeds("5,") == [5]
+    for bad, message in (("1077", "write --seeds 1077,"), ("x", "a count"), ("4,4", "each once")):
+        with pytest.raises(Exception, match=message):
+            parse_seeds(bad)
