@@ -90,7 +90,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
 
 
 def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
-    base = tiny(tmp_path, "train.total_steps=120", "train.ckpt_every=1000", "train.log_every=5")
+    base = tiny(tmp_path, "train.total_steps=60", "train.ckpt_every=1000", "train.log_every=5")
     cmd = [sys.executable, "-m", "fastdiff.train", *base]
     proc = subprocess.Popen(
         [*cmd, f"train.run_dir={tmp_path / 'stopped'}"], stderr=subprocess.PIPE, text=True
@@ -105,11 +105,11 @@ def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-2000:]
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
-    assert summary["preempted"] and 0 < summary["step"] < 120
+    assert summary["preempted"] and 0 < summary["step"] < 60
     assert (tmp_path / "stopped" / "checkpoints" / f"step_{summary['step']:07d}.pt").exists()
     train_cli(*base, f"train.run_dir={tmp_path / 'stopped'}", "train.resume=auto")
     train_cli(*base, f"train.run_dir={tmp_path / 'straight'}")
-    assert_bitwise(final_state(tmp_path / "stopped", 120), final_state(tmp_path / "straight", 120))
+    assert_bitwise(final_state(tmp_path / "stopped", 60), final_state(tmp_path / "straight", 60))
 
 
 def nan_at(monkeypatch, bad_call):
