@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -72,9 +73,14 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.state["step"])
 
-    @property
+    @cached_property
     def config(self) -> dict:
         return yaml.safe_load(self.state["config"])
+
+    def release_weights(self) -> None:
+        """Drop the tensors once restored; the run keeps only the record (step, config,
+        progress) for the rest of its life, not a second copy of model and optimizer."""
+        self.state = {k: self.state[k] for k in ("step", "config", "progress") if k in self.state}
 
     @property
     def progress(self) -> dict:

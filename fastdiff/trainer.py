@@ -293,6 +293,7 @@ class Trainer:
         the parent record config.yaml keeps (carried over when a child run resumes)."""
         if self.resumed is not None:
             restore(self.resumed, self.module, self.ema, self.opt, self.acc.scaler, self.device)
+            self.resumed.release_weights()
             self.start_step = self.resumed.step
             self.batches.seek(self.start_step)
             log.info("resumed from %s at step %d", self.resumed.path, self.start_step)
@@ -306,6 +307,7 @@ class Trainer:
         if self.parent is None:
             return None
         keep = self.cfg.train.init_keep_optimizer
+        kept = "kept" if keep else "fresh"
         restore(
             self.parent,
             self.module,
@@ -315,6 +317,7 @@ class Trainer:
             self.device,
             weights_only=not keep,
         )
+        self.parent.release_weights()
         o = self.cfg.optim
         for group in self.opt.optimizer.param_groups:  # the saved groups carry the parent's
             group.update(lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
@@ -322,12 +325,12 @@ class Trainer:
             "new run from the weights of %s (step %d), optimizer %s",
             self.parent.path,
             self.parent.step,
-            "kept" if keep else "fresh",
+            kept,
         )
         return {
             "checkpoint": str(self.parent.path.resolve()),
             "step": self.parent.step,
-            "optimizer": "kept" if keep else "fresh",
+            "optimizer": kept,
             "config": self.parent.config,
         }
 
