@@ -4,8 +4,8 @@ Every train-step bench runs its step in its own worker, so none inherits the hea
 allocator thresholds, thread pools or oneDNN caches of the benches before it (in one
 process, fastdiff's batch-4 step measured 163-171 ms alone and 178-189 ms after the
 peer's batch-128 benches). The diffusers peer runs with its users' default allocator;
-fastdiff's Trainer applies its own setting (``fastdiff.hostmem``) as it does in
-training; the third worker kind runs the peer with that setting.
+fastdiff's worker applies its own setting (``fastdiff.tuning``) as its entry point
+does in training; the third worker kind runs the peer with that setting.
 
     python -m benches._worker fastdiff|diffusers|diffusers-reuse BATCH PRECISION COMPILE DIR
 
@@ -27,8 +27,9 @@ import torch
 
 from benches._setup import DEVICE, MODEL, peer_unet, sync, trainer_overrides
 from fastdiff.config import compose, to_config
-from fastdiff.hostmem import reuse_freed_memory
-from fastdiff.trainer import Trainer, amp_precision
+from fastdiff.train import apply_host_tuning
+from fastdiff.trainer import Trainer
+from fastdiff.tuning import amp_precision, reuse_freed_memory
 from fastdiff.unet import build_model
 
 
@@ -39,7 +40,9 @@ def fastdiff_step(batch: int, precision: str, compile_: bool, run_dir: str):
         f"train.amp={str(precision == 'amp').lower()}",
         f"train.runs_root={run_dir}",
     )
-    trainer = Trainer(to_config(compose(overrides)))
+    cfg = to_config(compose(overrides))
+    apply_host_tuning(cfg)
+    trainer = Trainer(cfg)
     counter = iter(range(10**9))
     facts = dict(
         params=trainer.n_params,

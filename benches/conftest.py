@@ -1,10 +1,10 @@
 """Benches that run in the pytest process run the way fastdiff trains (glibc keeps
-freed memory: fastdiff.hostmem). The train-step benches run each step in a fresh
+freed memory: fastdiff.tuning). The train-step benches run each step in a fresh
 worker process (benches/_worker.py), where the peer keeps its users' allocator."""
 
 import pytest
 
-from fastdiff.hostmem import reuse_freed_memory
+from fastdiff.tuning import reuse_freed_memory
 
 
 @pytest.fixture(autouse=True)

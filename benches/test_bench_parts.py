@@ -11,6 +11,7 @@ from fastdiff.curvature import CurvatureProbe
 from fastdiff.diffusion import Schedule, eps_mse
 from fastdiff.ema import EMA
 from fastdiff.flat import flatten_
+from fastdiff.objective import Objective
 from fastdiff.sampling import ddim_sample, ddpm_sample
 from fastdiff.unet import build_model
 
@@ -133,9 +134,8 @@ def test_hutchinson_probe_set(benchmark, trained_layout):
     )
     sched = Schedule.make("linear", 1000)
     images = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
-    probes = RunProbes(
-        images, cfg, sched.alphas_cumprod.float(), sched.loss_weights("minsnr", 5.0), DEVICE
-    )
+    objective = Objective(sched.alphas_cumprod, sched.loss_weights("minsnr", 5.0))
+    probes = RunProbes(images, cfg, objective, DEVICE)
 
     def run():
         probes(model)

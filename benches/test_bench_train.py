@@ -94,6 +94,6 @@ def test_fastdiff_train_step(benchmark, tmp_path, mode, precision, batch):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_diffusers_train_step_reusing_memory(benchmark, tmp_path, precision, batch):
-    """The peer with fastdiff's allocator setting (fastdiff.hostmem): how much of the
+    """The peer with fastdiff's allocator setting (fastdiff.tuning): how much of the
     difference is the step itself."""
     time_worker(benchmark, tmp_path, "diffusers-reuse", batch, precision)

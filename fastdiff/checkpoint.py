@@ -241,3 +241,30 @@ def restore(
         ) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+
+
+def start_from(cfg, resumed, parent, model, ema, optimizer, scaler, device) -> dict | None:
+    """Load the resumed checkpoint (everything) or train.init_from's weights (and,
+    with train.init_keep_optimizer, its moments at this run's hyperparameters).
+    Returns the parent record config.yaml keeps (carried over when a child resumes)."""
+    if resumed is not None:
+        restore(resumed, model, ema, optimizer, scaler, device)
+        resumed.release_weights()
+        return resumed.config.get("parent")
+    if parent is None:
+        return None
+    keep = cfg.train.init_keep_optimizer
+    restore(parent, model, ema, optimizer, scaler, device, weights_only=not keep)
+    parent.release_weights()
+    o = cfg.optim
+    optimizer.set_hyperparameters(o.lr, (o.beta1, o.beta2), o.weight_decay)
+    kept = "kept" if keep else "fresh"
+    log.info(
+        "new run from the weights of %s (step %d), optimizer %s", parent.path, parent.step, kept
+    )
+    return {
+        "checkpoint": str(parent.path.resolve()),
+        "step": parent.step,
+        "optimizer": kept,
+        "config": parent.config,
+    }

@@ -78,7 +78,7 @@ class TrainConfig:
     preempt_check_every: int = 10  # steps between ranks agreeing on a stop signal
     compile: bool | None = None  # None: on for CUDA, off on CPU (slower there, see README)
     compile_backend: str = "inductor"
-    # CPU: glibc keeps freed memory for reuse (fastdiff.hostmem; 1.65x at batch 128)
+    # CPU: glibc keeps freed memory for reuse (fastdiff.tuning; 1.65x at batch 128)
     reuse_host_memory: bool = True
     resume: str | None = None  # a checkpoint file, a run dir (its latest), or "auto"
     # A new run from another checkpoint's weights (model + EMA), e.g. to fine-tune under

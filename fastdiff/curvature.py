@@ -22,8 +22,9 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdiff.diffusion import eps_mse, q_sample, t_bin_edges, t_bin_names
+from fastdiff.diffusion import t_bin_edges, t_bin_names
 from fastdiff.kernels import reference_only
+from fastdiff.objective import Objective
 from fastdiff.seeding import stream_generator
 from fastdiff.taylor import vhv_taylor, vhv_taylor_per_sample
 from fastdiff.unet import UNet
@@ -159,9 +160,10 @@ class CurvatureProbe:
         chunk_size: int | None = None,
         method: str = "auto",
     ):
-        self.x_t = q_sample(x0, t, noise, alphas_cumprod)
+        objective = Objective(alphas_cumprod, weights.to(x0.device))
+        self.x_t = objective.noised(x0, t, noise)
         self.t, self.noise = t, noise
-        self.weight = weights.to(x0.device)[t].float()
+        self.weight = objective.weight(t).float()
         self.probes, self.seed, self.method = probes, seed, method
         self._chunk_size = chunk_size
 
@@ -218,8 +220,9 @@ class CurvatureProbe:
                 rows = slice(b, b + 1)
 
                 def loss_fn(params, rows=rows):
-                    eps = functional_call(model, params, (self.x_t[rows], self.t[rows]))
-                    return eps_mse(eps, self.noise[rows], one).mean()
+                    f = partial(functional_call, model, params)
+                    x_t, t, noise = self.x_t[rows], self.t[rows], self.noise[rows]
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, noise, one).mean()
 
                 columns.append(self._hutchinson(model, False, loss_fn=loss_fn))
             return torch.stack(columns, 1)
@@ -236,8 +239,9 @@ class CurvatureProbe:
             else:
 
                 def loss_fn(params):
-                    eps = functional_call(model, params, (self.x_t, self.t))
-                    return eps_mse(eps, self.noise, weight).mean()
+                    f = partial(functional_call, model, params)
+                    x_t, t, noise = self.x_t, self.t, self.noise
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, noise, weight).mean()
 
                 values = self._hutchinson(model, False, loss_fn=loss_fn)
         std = values.std().item() if len(values) > 1 else 0.0
@@ -281,17 +285,15 @@ class RunProbes:
     - ``curvature/hutch_seconds``: the probe's wall time.
     """
 
-    def __init__(
-        self, images: torch.Tensor, cfg, alphas_cumprod: torch.Tensor, weights: torch.Tensor, device
-    ):
+    def __init__(self, images: torch.Tensor, cfg, objective: Objective, device):
         c, T, seed = cfg.curvature, cfg.diffusion.T, cfg.train.seed
         x0, t, noise = probe_batch(images, c.batch_size, T, seed)
         self.main = CurvatureProbe(
             x0.to(device),
             t.to(device),
             noise.to(device),
-            alphas_cumprod,
-            weights,
+            objective.alphas_cumprod,
+            objective.weights,
             c.probes,
             seed,
             c.chunk_size,
@@ -331,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastdiff.config import ConfigError, load_run_config
     from fastdiff.data import load_images
-    from fastdiff.diffusion import Schedule
     from fastdiff.rundir import find_checkpoint
     from fastdiff.unet import build_model
 
@@ -360,14 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
     if cfg.model.channels_last:  # as trained; the Taylor probe's convolutions prefer it
         model = model.to(memory_format=torch.channels_last)
-    schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-    probes = RunProbes(
-        images,
-        cfg,
-        schedule.alphas_cumprod.float(),
-        schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma),
-        "cpu",
-    )
+    probes = RunProbes(images, cfg, Objective.of(cfg, "cpu"), "cpu")
     print(json.dumps({"step": step, "probes": cfg.curvature.probes, **probes(model)}))
     return 0
 

@@ -35,10 +35,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff.diffusion import Schedule
-from fastdiff.hostmem import reuse_freed_memory
 from fastdiff.sampling import SAMPLERS, to_uint8
 from fastdiff.seeding import stream_generator
 from fastdiff.stats import bootstrap_fid
+from fastdiff.tuning import reuse_freed_memory
 
 log = logging.getLogger("fastdiff")
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="Inception weights file (eval.fid.weights_path)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # sampling batches of 100+ images: fastdiff.hostmem
+    if device.type == "cpu":  # sampling batches of 100+ images: fastdiff.tuning
         reuse_freed_memory()
     try:
         cfg = load_run_config(args.run_dir)

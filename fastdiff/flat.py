@@ -17,15 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdiff.tuning import dense_layout
+
 ALIGN = 16  # elements: every view starts on a 64-byte boundary (fp32)
-
-
-def dense_layout(t: torch.Tensor) -> bool:
-    """Contiguous or channels_last: the elements fill one dense block in some order, so
-    a flat buffer of ``numel`` elements can hold ``t`` with ``t``'s own strides."""
-    return t.is_contiguous() or (
-        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    )
 
 
 def flatten_(model: nn.Module, grads: bool = True) -> nn.Parameter:

@@ -51,6 +51,28 @@ def save_torch(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def run_dir_for(cfg, resumed_run_dir: Path | None) -> Path:
+    """An explicit train.run_dir; else the resumed checkpoint's run; else a new run
+    under runs_root (also for a loose checkpoint: nothing is written beside it)."""
+    if cfg.train.run_dir:
+        return Path(cfg.train.run_dir)
+    if resumed_run_dir is not None:
+        return resumed_run_dir
+    return new_run_dir(cfg.train.runs_root, cfg.experiment)
+
+
+def make_run_dir(path: Path) -> None:
+    from fastdiff.config import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the run directory {path} ({err.strerror}): set "
+            "train.runs_root or train.run_dir to a writable folder"
+        ) from None
+
+
 def new_run_dir(runs_root: str, experiment: str) -> Path:
     base = Path(runs_root) / experiment / time.strftime("%Y%m%d-%H%M%S")
     path, n = base, 1

@@ -25,3 +25,17 @@ def stream_generator(
     g = torch.Generator(device=device)
     g.manual_seed(stream_seed(seed, stream, *counters))
     return g
+
+
+def step_draws(seed: int, step: int, rank: int, world_size: int, batch: int, shape, T: int, device):
+    """This rank's slice of a training step's timesteps (B,) and noise (B, C, H, W).
+
+    Drawn for the global batch and sliced, so N processes at batch B see what one
+    process at batch N·B sees (tested), each stream from its own generator."""
+    gen_device = device if device.type == "cuda" else "cpu"
+    rows = slice(rank * batch, (rank + 1) * batch)
+    g = stream_generator(seed, "timesteps", step, device=gen_device)
+    t = torch.randint(0, T, (batch * world_size,), generator=g, device=gen_device)[rows]
+    g = stream_generator(seed, "noise", step, device=gen_device)
+    noise = torch.randn((batch * world_size, *shape), generator=g, device=gen_device)[rows]
+    return t.to(device), noise.to(device)

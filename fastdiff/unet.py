@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.flat import dense_layout
+from fastdiff.tuning import Dropout, GroupNorm32
 
 
 @dataclass(frozen=True)
@@ -50,20 +50,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 under autocast, output fp32.
-
-    CUDA's autocast already runs group_norm in fp32; CPU's leaves it in bf16, where
-    the mixed-dtype channels_last kernel is slower and its statistics coarser: in the
-    ``unet_cifar32`` step at batch 4 under CPU bf16 autocast, GroupNorm forward and
-    backward took 42 ms per step in bf16 and 14 ms in fp32 (the whole step 176 → 161 ms).
-    An fp32 or fp64 input is used as it is."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32 only
-        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-
-
 class GroupNormSiLU(GroupNorm32):
     """GroupNorm followed by SiLU: the pair every block of this UNet starts with. With
     ``fused`` set (``model.kernels=triton``) it runs the fused kernel of
@@ -78,35 +64,6 @@ class GroupNormSiLU(GroupNorm32):
             if kernels_allowed():
                 return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps)
         return F.silu(super().forward(x))
-
-
-class Dropout(nn.Dropout):
-    """Dropout whose CPU mask comes from 16-bit draws: four per 64-bit random word.
-
-    ``F.dropout`` on CPU spends ~0.9 ms per (4, 128, 16, 16) activation in the Bernoulli
-    sampler, 5% of a ``unet_cifar32`` training step at batch 4; drawing a quarter as many
-    int64 words and one compare cost ~0.3 ms. The drop probability is
-    rounded to a multiple of 2⁻¹⁶ (0.1 → 0.100006) and the survivors scaled by the
-    exact 1 / P(keep). CUDA keeps ``F.dropout`` (Philox, fused by the compiler).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        return x * dropout_mask(x, self.p)
-
-
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """x-shaped tensor of 0 (probability ≈ p) and 1 / P(keep), from the default CPU
-    generator (so ``torch.manual_seed`` fixes it)."""
-    drop = round(p * 65536)  # uniform int16 u is dropped iff u < drop - 32768
-    if drop >= 65536:
-        return torch.zeros_like(x)
-    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-    u = words.view(torch.int16)[: x.numel()]
-    # iid draws: lay them out with x's strides (NCHW or channels_last) so x * mask is dense
-    u = u.as_strided(x.shape, x.stride()) if dense_layout(x) else u.view(x.shape)
-    return torch.where(u >= drop - 32768, 65536 / (65536 - drop), 0.0).to(x.dtype)
 
 
 def _zero(module: nn.Module) -> nn.Module:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from fastdiff.kernels import use_triton
 
-from fastdiff.flat import dense_layout
+from fastdiff.tuning import dense_layout
 
 
 @triton.jit

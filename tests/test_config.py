@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from fastdiff.config import (
@@ -17,6 +18,7 @@ from fastdiff.config import (
     to_config,
 )
 from fastdiff.train import main, parse_args
+from tests.conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +154,26 @@ def test_print_config_shows_the_card(name, expected):
     ).stdout
     for line in expected:
         assert line in out
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_through_hydra_one_run_per_combination(tmp_path, monkeypatch):
+    """--multirun goes through Hydra's main (hydra-zen's zen): a comma sweep over seeds
+    makes one run per value, each with that seed, and Hydra's sweep record."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny(tmp_path, "train.total_steps=2") if not a.startswith("train.seed")]
+    assert main(["--multirun", "quickstart", *args, "train.seed=1,2", "train.report=false"]) == 0
+    runs = sorted((tmp_path / "quickstart").iterdir())
+    assert len(runs) == 2
+    seeds = sorted(yaml.safe_load((r / "config.yaml").read_text())["train"]["seed"] for r in runs)
+    assert seeds == [1, 2]
+    assert all(json.loads((r / "summary.json").read_text())["step"] == 2 for r in runs)
+    (record,) = (tmp_path / "multirun").glob("*/multirun.yaml")
+    assert "train.seed=1,2" in record.read_text()
+
+
+def test_multirun_with_print_config_is_one_line(tmp_path, capsys):
+    assert main(["--multirun", "quickstart", *tiny(tmp_path), "--cfg", "job"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

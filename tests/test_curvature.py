@@ -10,6 +10,7 @@ from fastdiff.config import compose, to_config
 from fastdiff.curvature import CurvatureProbe, RunProbes, hutchinson_trace, rademacher
 from fastdiff.data import load_images
 from fastdiff.diffusion import Schedule
+from fastdiff.objective import Objective
 from fastdiff.unet import build_model
 from tests.conftest import tiny
 
@@ -117,9 +118,8 @@ def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
     for weighting in ("uniform", "minsnr"):
         cfg = _cfg(tmp_path, f"loss={weighting}")
         sched = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-        made[weighting] = RunProbes(
-            images, cfg, sched.alphas_cumprod.float(), sched.loss_weights(weighting, 5.0), "cpu"
-        )
+        objective = Objective(sched.alphas_cumprod, sched.loss_weights(weighting, 5.0))
+        made[weighting] = RunProbes(images, cfg, objective, "cpu")
     a, b = made["uniform"].main, made["minsnr"].main
     assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise)
     model = build_model("unet_tiny", 16, 0.1, 8)
@@ -136,8 +136,7 @@ def _probes(cfg, weighting="uniform"):
     return RunProbes(
         load_images("digits", None, 8),
         cfg,
-        sched.alphas_cumprod.float(),
-        sched.loss_weights(weighting, 5.0),
+        Objective(sched.alphas_cumprod, sched.loss_weights(weighting, 5.0)),
         "cpu",
     )
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastdiff.objective as objective_mod
 import fastdiff.rundir as rundir
-import fastdiff.trainer as trainer_mod
 from fastdiff.config import ConfigError, compose, to_config
-from fastdiff.trainer import EXIT_PREEMPTED, Diverged, training_loop
+from fastdiff.stopping import EXIT_PREEMPTED, Diverged
+from fastdiff.trainer import training_loop
 from tests.conftest import tiny, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
 
 
 def nan_at(monkeypatch, bad_call):
-    real = trainer_mod.eps_loss
+    real = objective_mod.eps_loss
     calls = []
 
     def poisoned(*args):
@@ -121,7 +122,7 @@ def nan_at(monkeypatch, bad_call):
         out = real(*args)
         return out * float("nan") if len(calls) == bad_call else out
 
-    monkeypatch.setattr(trainer_mod, "eps_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "eps_loss", poisoned)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -12,8 +12,9 @@ import yaml
 from fastdiff.checkpoint import UNREADABLE_SUFFIX
 from fastdiff.config import ConfigError, compose, to_config
 from fastdiff.data.prepare import main as prepare_main
+from fastdiff.stopping import Finished
 from fastdiff.train import main as train_main
-from fastdiff.trainer import Finished, training_loop
+from fastdiff.trainer import training_loop
 from tests.conftest import tiny
 
 

@@ -6,10 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastdiff.objective as objective_mod
 import fastdiff.trainer as trainer_mod
 from fastdiff.config import compose, to_config
 from fastdiff.flops import train_step_flops
+from fastdiff.seeding import step_draws
 from fastdiff.trainer import training_loop
+from fastdiff.tuning import amp_precision
 from tests.conftest import tiny
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_losses_tiny.json"
@@ -76,13 +79,13 @@ def test_run_directory_contents(tmp_path):
 
 def test_paired_runs_see_the_same_batches_timesteps_and_noise(tmp_path, monkeypatch):
     seen = {}
-    real = trainer_mod.eps_loss
+    real = objective_mod.eps_loss
 
     def spy(model, x0, t, noise, ac, weights):
         seen.setdefault(key, []).append((x0.clone(), t.clone(), noise.clone(), weights[t]))
         return real(model, x0, t, noise, ac, weights)
 
-    monkeypatch.setattr(trainer_mod, "eps_loss", spy)
+    monkeypatch.setattr(objective_mod, "eps_loss", spy)
     for key in ("e9a", "e9b"):
         run(tmp_path / key, f"experiment={key}", "train.total_steps=4", "curvature.enabled=false")
     a, b = seen["e9a"], seen["e9b"]
@@ -136,25 +139,27 @@ def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip, amp):
         )
     )
     trainer = trainer_mod.Trainer(cfg)
-    assert trainer.acc.mixed_precision == trainer_mod.amp_precision(amp, cuda=False)
+    assert trainer.acc.mixed_precision == amp_precision(amp, cuda=False)
     model = trainer.acc.unwrap_model(trainer.model)
     x0 = trainer.batches.batch(0)
-    t, noise = trainer_mod.draw_t_noise(
+    t, noise = step_draws(
         cfg.train.seed, 0, 0, 1, x0.shape[0], trainer.image_shape, cfg.diffusion.T, trainer.device
     )
     ref = copy.deepcopy(model)
     bf16 = trainer.acc.mixed_precision == "bf16"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = eps_loss(ref, x0, t, noise, trainer.alphas_cumprod, trainer.weights).mean()
+        loss = eps_loss(
+            ref, x0, t, noise, trainer.objective.alphas_cumprod, trainer.objective.weights
+        ).mean()
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
     assert norm > 1e-3  # so that the clipped case clips
 
-    grad_norm = trainer.train_step(0)[2].item()
+    grad_norm = trainer.train_step(0).grad_norm.item()
 
     assert grad_norm == pytest.approx(norm, rel=1e-4)
     scale = min(1.0, clip / norm) if clip else 1.0
-    exp_avg = trainer.opt.optimizer.state[trainer.flat]["exp_avg"]
+    exp_avg = trainer.optimizer.moments()["exp_avg"]
     for p, g in zip(model.parameters(), grads, strict=True):
         seen = exp_avg.as_strided(p.shape, p.stride(), p.storage_offset())
         torch.testing.assert_close(seen / (1 - cfg.optim.beta1), g * scale, rtol=1e-4, atol=1e-9)
@@ -167,15 +172,15 @@ def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip, amp):
 def test_amp_on_cpu_is_bf16_only_where_the_cpu_has_bf16(monkeypatch, amx, avx512_bf16, expected):
     caps = {"amx_bf16": amx, "avx512_bf16": avx512_bf16, "avx512_f": True}
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    assert trainer_mod.amp_precision(True, cuda=False) == expected
-    assert trainer_mod.amp_precision(False, cuda=False) == "no"
+    assert amp_precision(True, cuda=False) == expected
+    assert amp_precision(False, cuda=False) == "no"
 
 
 @pytest.mark.parametrize(("bf16", "expected"), [(True, "bf16"), (False, "fp16")])
 def test_amp_on_cuda_is_bf16_where_supported_else_fp16(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert trainer_mod.amp_precision(True, cuda=True) == expected
-    assert trainer_mod.amp_precision(False, cuda=True) == "no"
+    assert amp_precision(True, cuda=True) == expected
+    assert amp_precision(False, cuda=True) == "no"
 
 
 def test_golden_loss_curve(tmp_path):
@@ -210,14 +215,14 @@ if __name__ == "__main__":
 
 def test_loss_by_timestep_bin_equals_a_host_side_recomputation(tmp_path, monkeypatch):
     seen = []
-    real = trainer_mod.eps_loss
+    real = objective_mod.eps_loss
 
     def spy(model, x0, t, noise, ac, weights):
         out = real(model, x0, t, noise, ac, weights)
         seen.append((t.clone(), out.detach().clone(), weights[t].clone()))
         return out
 
-    monkeypatch.setattr(trainer_mod, "eps_loss", spy)
+    monkeypatch.setattr(objective_mod, "eps_loss", spy)
     bins = 4
     _, run_dir = run(
         tmp_path,

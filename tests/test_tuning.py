@@ -1,4 +1,5 @@
-"""Host memory reuse: glibc keeps freed blocks instead of unmapping them."""
+"""CPU tuning: host memory reuse (glibc keeps freed blocks instead of unmapping them),
+and who applies it."""
 
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from tests.conftest import tiny
 # after each.
 SCRIPT = """
 import os, sys, torch
-from fastdiff.hostmem import reuse_freed_memory
+from fastdiff.tuning import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory() and reuse_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")
@@ -45,11 +46,22 @@ def test_freed_memory_is_kept_and_reused_only_when_asked():
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_trainer_reuses_host_memory_on_cpu_unless_told_not_to(tmp_path, monkeypatch, enabled):
+def test_the_entry_point_reuses_host_memory_on_cpu_unless_told_not_to(
+    tmp_path, monkeypatch, enabled
+):
+    """python -m fastdiff.train applies it before training; building a Trainer (as a
+    library user or a bench does) changes no process-wide setting."""
+    import fastdiff.train
     import fastdiff.trainer
+    import fastdiff.tuning
 
-    calls = []
-    monkeypatch.setattr(fastdiff.trainer, "reuse_freed_memory", lambda: calls.append(1))
-    cfg = to_config(compose(tiny(tmp_path, f"train.reuse_host_memory={str(enabled).lower()}")))
-    fastdiff.trainer.Trainer(cfg)
-    assert calls == ([1] if enabled else [])
+    calls, built = [], []
+    monkeypatch.setattr(fastdiff.train, "reuse_freed_memory", lambda: calls.append("entry"))
+    monkeypatch.setattr(fastdiff.tuning, "reuse_freed_memory", lambda: calls.append("tuning"))
+    monkeypatch.setattr(fastdiff.trainer, "training_loop", lambda cfg: built.append(cfg) or {})
+    args = tiny(tmp_path, f"train.reuse_host_memory={str(enabled).lower()}")
+    assert fastdiff.train.main(args) == 0
+    assert len(built) == 1 and calls == (["entry"] if enabled else [])
+    calls.clear()
+    fastdiff.trainer.Trainer(to_config(compose(args)))
+    assert calls == []

@@ -1,0 +1,92 @@
+"""What the run logs about its training steps, summed on the device between logs.
+
+The loss is read on the host only at the log cadence (one sync per window).
+Non-finite steps are counted, not summed: ``bad`` and the first such step are kept
+on the device, so divergence is noticed without a per-step sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdiff.diffusion import t_bin_names
+
+
+@dataclass
+class Window:
+    loss: torch.Tensor
+    mse: torch.Tensor
+    grad_norm: torch.Tensor
+    bad: torch.Tensor
+    first_bad: torch.Tensor
+    by_t: torch.Tensor  # (3, bins): weighted loss, unweighted ε-MSE and count per t-bin
+    bins: int = 0
+    T: int = 1
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    excluded: float = 0.0  # seconds of periodic work inside the window
+
+    @classmethod
+    def new(cls, device, bins: int = 0, T: int = 1) -> Window:
+        zeros = [torch.zeros((), device=device) for _ in range(4)]
+        inf = torch.full((), float("inf"), device=device)
+        return cls(*zeros, inf, torch.zeros((3, bins), device=device), bins, T)
+
+    def add(self, step: int, out: StepOut) -> None:
+        finite = out.finite
+        self.loss += torch.where(finite, out.loss, 0.0)
+        self.mse += torch.where(finite, out.per_sample_mse.mean(), 0.0)
+        self.grad_norm += torch.where(finite, out.grad_norm, 0.0)
+        self.bad += (~finite).float()
+        self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step + 1))
+        if self.bins:  # per-timestep sums (fastdiff.diffusion.t_bin_edges), on the device
+            rows = torch.stack([out.per_sample, out.per_sample_mse, torch.ones_like(out.t.float())])
+            rows = torch.where(finite, rows.float(), 0.0)
+            self.by_t.index_add_(1, out.t * self.bins // self.T, rows)
+        self.steps += 1
+
+    def seconds(self) -> float:
+        """Training time in the window so far (periodic work excluded)."""
+        return time.perf_counter() - self.start - self.excluded
+
+    def sums(self) -> torch.Tensor:
+        """Everything to reduce over ranks, flat: loss, mse, grad norm, bad, by-t sums."""
+        return torch.cat(
+            [torch.stack([self.loss, self.mse, self.grad_norm, self.bad]), self.by_t.flatten()]
+        )
+
+    def metrics(self, sums: list[float], images: int, processes: int, step_flops: float) -> dict:
+        """The window's log line from its rank-reduced ``sums``."""
+        loss, mse, grad_norm, bad = sums[:4]
+        by_t = [sums[4 + i * self.bins : 4 + (i + 1) * self.bins] for i in range(3)]
+        good = max(self.steps * processes - bad, 1)  # bad is summed over ranks
+        seconds = self.seconds()
+        out = {
+            "train/loss": loss / good,
+            "train/mse_unweighted": mse / good,
+            "train/grad_norm": grad_norm / good,
+            "train/nonfinite_steps": int(bad / processes),
+            "perf/images_per_sec": images / seconds,
+            "perf/seconds_per_step": seconds / self.steps,
+            "perf/tflops": step_flops * self.steps * processes / seconds / 1e12,
+        }
+        for name, wsum, msum, count in zip(t_bin_names(self.T, self.bins), *by_t):
+            if count:  # (an empty bin logs nothing rather than 0/0)
+                out[f"train/loss_by_t/{name}"] = wsum / count
+                out[f"train/mse_unweighted_by_t/{name}"] = msum / count
+        return out
+
+
+@dataclass
+class StepOut:
+    """One training step's results, all device tensors."""
+
+    loss: torch.Tensor  # () batch mean of the weighted loss
+    grad_norm: torch.Tensor  # () before clipping
+    finite: torch.Tensor  # () bool: the update was applied
+    t: torch.Tensor  # (B,)
+    per_sample: torch.Tensor  # (B,) weighted loss
+    per_sample_mse: torch.Tensor  # (B,) unweighted ε-MSE
