@@ -268,3 +268,21 @@ def start_from(cfg, resumed, parent, model, ema, optimizer, scaler, device) -> d
         "optimizer": kept,
         "config": parent.config,
     }
+
+
+def check_start(cfg, resumed: Checkpoint | None, parent: Checkpoint | None, processes: int):
+    """Before any set-up: a resume of another arm or a parent of another architecture
+    is refused, and a finished run is left alone (:class:`fastdiff.stopping.Finished`)."""
+    from fastdiff.stopping import Finished
+
+    if resumed is not None:
+        check_resumable(resumed, cfg, processes)
+        if resumed.step >= cfg.train.total_steps:
+            raise Finished(
+                resumed.step,
+                f"{resumed.run_dir or resumed.path} is already at step {resumed.step} of "
+                f"train.total_steps={cfg.train.total_steps}: nothing to do (raise "
+                "train.total_steps to train on)",
+            )
+    if parent is not None:
+        check_architecture(parent, cfg)

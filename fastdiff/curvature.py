@@ -13,6 +13,7 @@ Two runs with the same seed therefore probe the same batch at every step.
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from fastdiff.objective import Objective
 from fastdiff.seeding import stream_generator
 from fastdiff.taylor import vhv_taylor, vhv_taylor_per_sample
 from fastdiff.unet import UNet
+
+log = logging.getLogger("fastdiff")
 
 
 @dataclass
@@ -287,6 +290,11 @@ class RunProbes:
 
     def __init__(self, images: torch.Tensor, cfg, objective: Objective, device):
         c, T, seed = cfg.curvature, cfg.diffusion.T, cfg.train.seed
+        log.info(
+            "curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, fp32",
+            c.probes,
+            c.batch_size,
+        )
         x0, t, noise = probe_batch(images, c.batch_size, T, seed)
         self.main = CurvatureProbe(
             x0.to(device),

@@ -11,6 +11,8 @@ import contextlib
 import signal
 import threading
 
+import torch
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal, resumable with train.resume=auto
 EXIT_DIVERGED = 3
 
@@ -62,3 +64,38 @@ class Signals:
         finally:
             for sig, h in old.items():
                 signal.signal(sig, h)
+
+
+def agreed_signal(acc, signals: Signals, done: int, every: int) -> int:
+    """The signal any rank received (0: none). Under several processes the ranks agree
+    every ``every`` steps (a collective, not every step) and stop at the same step."""
+    if acc.num_processes == 1:
+        return signals.received
+    if done % every:
+        return 0
+    flag = torch.tensor(float(signals.received), device=acc.device)
+    return int(acc.reduce(flag, reduction="sum").item())
+
+
+def check_finite(acc, window, checkpoints_dir) -> None:
+    """Raise Diverged if any rank had a non-finite step in ``window``."""
+    per_rank = acc.gather(torch.stack([window.bad, window.first_bad])[None])  # (ranks, 2)
+    if per_rank[:, 0].sum().item() > 0:
+        first = int(per_rank[:, 1].min().item())
+        raise Diverged(
+            first,
+            f"non-finite loss or gradient at step {first}: stopped "
+            f"(train.on_nonfinite=stop); the last good checkpoint is in {checkpoints_dir}",
+        )
+
+
+def status(stop: Stopped | None) -> dict:
+    """summary.json's record of how the run ended early (empty when it did not)."""
+    if stop is None:
+        return {}
+    return {
+        "step": stop.step,
+        "preempted": isinstance(stop, Preempted),
+        "diverged": isinstance(stop, Diverged),
+        "stopped": str(stop),
+    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -41,10 +40,11 @@ from fastdiff.rundir import (
     write_text,
 )
 from fastdiff.seeding import step_draws, stream_seed
-from fastdiff.stopping import Diverged, Finished, Preempted, Signals, Stopped
+from fastdiff.stopping import Preempted, Signals, Stopped, agreed_signal, check_finite
+from fastdiff.stopping import status as stop_status
 from fastdiff.tuning import amp_precision
 from fastdiff.unet import build_model
-from fastdiff.window import StepOut, Window
+from fastdiff.window import Progress, StepOut, Window
 
 log = logging.getLogger("fastdiff")
 INDUCTOR_CACHE = Path.home() / ".cache" / "fastdiff" / "inductor"  # reused across runs
@@ -52,87 +52,60 @@ INDUCTOR_CACHE = Path.home() / ".cache" / "fastdiff" / "inductor"  # reused acro
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        cuda = torch.cuda.is_available()
-        self.acc = Accelerator(mixed_precision=amp_precision(cfg.train.amp, cuda), cpu=not cuda)
-        self.device = self.acc.device
+        self.cfg, self.acc = cfg, self._accelerator(cfg)
+        acc = self.acc
+        self.device, self.main = acc.device, acc.is_main_process
         torch.manual_seed(stream_seed(cfg.train.seed, "init"))  # same init in paired runs
-
         # The checkpoint first: a refused or finished resume costs no set-up, writes nothing.
-        self.resumed = ckpt.resolve_resume(cfg, self.acc.is_main_process)
-        self.parent = (
-            ckpt.read_checkpoint(Path(cfg.train.init_from)) if cfg.train.init_from else None
-        )
-        self._check_start()
+        self.resumed = ckpt.resolve_resume(cfg, self.main)
+        init_from = cfg.train.init_from
+        self.parent = ckpt.read_checkpoint(Path(init_from)) if init_from else None
+        ckpt.check_start(cfg, self.resumed, self.parent, acc.num_processes)
+        self.start_step = self.resumed.step if self.resumed is not None else 0
         # Data next: a missing or unreadable data set fails before anything is written.
-        self.batches = make_batches(
-            cfg.data,
-            cfg.train.batch_size,
-            cfg.train.seed,
-            self.acc.process_index,
-            self.acc.num_processes,
-            self.device,
-        )
+        where = (acc.process_index, acc.num_processes, self.device)
+        self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, *where)
         self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
-        e = cfg.eval.fid
-        self.fid = (
-            None
-            if e.enabled is False
-            else build_evaluator(cfg, self.batches, self.device, explicit=e.enabled is True)
-        )
+        explicit = cfg.eval.fid.enabled is True
+        no_fid = cfg.eval.fid.enabled is False
+        self.fid = None if no_fid else build_evaluator(cfg, self.batches, self.device, explicit)
         self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
         self.objective = Objective.of(cfg, self.device)
         self._build_model()
-
-        self.start_step = self.resumed.step if self.resumed is not None else 0
         self.run_dir = self._run_dir()
-        parent = ckpt.start_from(
-            cfg,
-            self.resumed,
-            self.parent,
-            self.module,
-            self.ema,
-            self.optimizer,
-            self.acc.scaler,
-            self.device,
-        )
+        self._start_record()
+
+    @staticmethod
+    def _accelerator(cfg: Config) -> Accelerator:
+        cuda = torch.cuda.is_available()
+        return Accelerator(mixed_precision=amp_precision(cfg.train.amp, cuda), cpu=not cuda)
+
+    def _start_record(self) -> None:
+        """The weights to start from, then config.yaml, the metrics log and the jobs."""
+        cfg, state = self.cfg, (self.module, self.ema, self.optimizer, self.acc.scaler)
+        parent = ckpt.start_from(cfg, self.resumed, self.parent, *state, self.device)
         if self.resumed is not None:
             self.batches.seek(self.start_step)
             log.info("resumed from %s at step %d", self.resumed.path, self.start_step)
         self.config_text = config_yaml(cfg, parent)
-        if self.acc.is_main_process:
+        if self.main:
             write_text(self.run_dir / "config.yaml", self.config_text)
-        self.metrics = MetricsLog(
-            self.run_dir,
-            self.acc.is_main_process,
-            self.start_step if self.resumed else None,
-            lambda: flat(cfg),
-        )
+        resumed_at = self.start_step if self.resumed else None
+        self.metrics = MetricsLog(self.run_dir, self.main, resumed_at, lambda: flat(cfg))
         self.reference_images = probe_pool(cfg.data, self.batches)  # uint8, for probes/stats
-        self.probe = self._make_probe() if cfg.curvature.enabled else None
-        self.grids = Grids(
-            self.run_dir, cfg.sampling, self.schedule, self.image_shape, self.reference_images
+        if cfg.curvature.enabled:
+            log.info("curvature: every %d steps", self._probe_every)
+        self.probe = (
+            RunProbes(self.reference_images, cfg, self.objective, self.device)
+            if cfg.curvature.enabled
+            else None
         )
+        shape = self.image_shape
+        self.grids = Grids(self.run_dir, cfg.sampling, self.schedule, shape, self.reference_images)
         if self.fid is not None:
-            self.fid_job = FIDJob(
-                self.fid, cfg.eval, self.acc, self.metrics, self.schedule, self.image_shape
-            )
+            self.fid_job = FIDJob(self.fid, cfg.eval, self.acc, self.metrics, self.schedule, shape)
 
     # ----------------------------------------------------------------- set-up
-    def _check_start(self) -> None:
-        cfg, resumed = self.cfg, self.resumed
-        if resumed is not None:
-            ckpt.check_resumable(resumed, cfg, self.acc.num_processes)
-            if resumed.step >= cfg.train.total_steps:
-                raise Finished(
-                    resumed.step,
-                    f"{resumed.run_dir or resumed.path} is already at step {resumed.step} of "
-                    f"train.total_steps={cfg.train.total_steps}: nothing to do (raise "
-                    "train.total_steps to train on)",
-                )
-        if self.parent is not None:
-            ckpt.check_architecture(self.parent, cfg)
-
     def _build_model(self) -> None:
         cfg = self.cfg
         m = cfg.model
@@ -142,9 +115,8 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.n_params = sum(p.numel() for p in model.parameters())
         # counted once on the meta device: convolutions, matmuls and attention, fwd + bwd
-        self.step_flops = train_step_flops(
-            m.name, m.base_channels, cfg.data.image_size, cfg.train.batch_size
-        )
+        size, batch = cfg.data.image_size, cfg.train.batch_size
+        self.step_flops = train_step_flops(m.name, m.base_channels, size, batch)
         self.peak_flops = peak_flops(self.device)
         o = cfg.optim
         self.optimizer = FlatAdam(
@@ -175,22 +147,11 @@ class Trainer:
         shared = [str(run_dir_for(self.cfg, resumed_dir))]
         broadcast_object_list(shared)  # every rank writes into rank 0's directory
         path = Path(shared[0])
-        if self.acc.is_main_process:
+        if self.main:
             make_run_dir(path)
             if self.resumed is not None and resumed_dir is None:
                 log.info("%s is not in a run directory: continuing in %s", self.resumed.path, path)
         return path
-
-    def _make_probe(self) -> RunProbes:
-        c = self.cfg.curvature
-        log.info(
-            "curvature: Hutchinson trace, %d probes on a fixed batch of %d, dropout off, "
-            "fp32, every %d steps",
-            c.probes,
-            c.batch_size,
-            self._probe_every,
-        )
-        return RunProbes(self.reference_images, self.cfg, self.objective, self.device)
 
     @property
     def _probe_every(self) -> int:
@@ -201,16 +162,8 @@ class Trainer:
         """One optimizer step; a non-finite loss or gradient skips the update on the device."""
         cfg, rank, world = self.cfg, self.acc.process_index, self.acc.num_processes
         x0 = self.batches.batch(step)
-        t, noise = step_draws(
-            cfg.train.seed,
-            step,
-            rank,
-            world,
-            x0.shape[0],
-            self.image_shape,
-            cfg.diffusion.T,
-            self.device,
-        )
+        args = (x0.shape[0], self.image_shape, cfg.diffusion.T, self.device)
+        t, noise = step_draws(cfg.train.seed, step, rank, world, *args)
         torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
         with self.acc.autocast():
             per_sample = self.loss(self.model, x0, t, noise)
@@ -247,7 +200,7 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, total = self.cfg, self.cfg.train.total_steps
-        if self.acc.is_main_process:
+        if self.main:
             log.info(
                 "run dir %s | %s | %.2fM params | %s x%d | %s",
                 self.run_dir,
@@ -257,11 +210,12 @@ class Trainer:
                 self.acc.num_processes,
                 self.acc.mixed_precision,
             )
-        show = cfg.train.progress and self.acc.is_main_process
+        show = cfg.train.progress and self.main
         self.bar = tqdm(
             total=total, initial=self.start_step, desc=cfg.experiment, unit="step", disable=not show
         )
-        self.wall_start, self.train_seconds, self.images_seen = time.perf_counter(), 0.0, 0
+        before = self.resumed.progress if self.resumed is not None else {}
+        self.progress = Progress(before, self.start_step, self._images_per_step)
         self.window, self.last = self._new_window(), {}
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.objective.weights.mean().item()})
@@ -283,9 +237,9 @@ class Trainer:
             except Stopped as err:
                 stop = err
         self.bar.close()
-        summary = self._summary(stop)
+        summary = self._summary(stop_status(stop))
         self.metrics.close()
-        if self.acc.is_main_process:
+        if self.main:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if cfg.train.report:
                 from fastdiff.report import Run, write_report
@@ -298,16 +252,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         return summary
 
-    def _summary(self, stop: Stopped | None) -> dict:
-        status = {}
-        if stop is not None:
-            status = {
-                "step": stop.step,
-                "preempted": isinstance(stop, Preempted),
-                "diverged": isinstance(stop, Diverged),
-                "stopped": str(stop),
-            }
-        progress = self._progress(status.get("step", self.cfg.train.total_steps))
+    def _summary(self, status: dict) -> dict:
+        progress = self.progress.record(status.get("step", self.cfg.train.total_steps), self.window)
         train_s = progress["train_time_s"]
         return {
             **self.last,
@@ -325,32 +271,12 @@ class Trainer:
             **status,
         }
 
+    @property
+    def _images_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.acc.num_processes
+
     def _new_window(self) -> Window:
         return Window.new(self.device, self.cfg.train.loss_bins, self.cfg.diffusion.T)
-
-    def _images(self, w: Window) -> int:
-        return w.steps * self.cfg.train.batch_size * self.acc.num_processes
-
-    def _progress(self, step: int) -> dict:
-        """The whole run's time, images and segments up to ``step``: the resumed
-        checkpoint's record plus this segment, including the steps of the open log
-        window (a checkpoint between logs loses none of them)."""
-        before = self.resumed.progress if self.resumed is not None else {}
-        seconds = time.perf_counter() - self.wall_start
-        segment = {
-            "start_step": self.start_step,
-            "end_step": step,
-            "seconds": seconds,
-            "host": socket.gethostname(),
-        }
-        return {
-            "wall_time_s": before.get("wall_time_s", 0.0) + seconds,
-            "train_time_s": before.get("train_time_s", 0.0)
-            + self.train_seconds
-            + self.window.seconds(),
-            "images": before.get("images", 0) + self.images_seen + self._images(self.window),
-            "segments": [*before.get("segments", []), segment],
-        }
 
     def _timed_step(self, step: int) -> StepOut:
         if not (self.compiled and step == self.start_step):
@@ -372,19 +298,18 @@ class Trainer:
         sums = self.acc.reduce(w.sums(), reduction="sum").tolist()
         if sums[3] and self.cfg.train.on_nonfinite == "stop":
             self._check_finite()
-        metrics = w.metrics(sums, self._images(w), world, self.step_flops)
+        metrics = w.metrics(sums, w.steps * self._images_per_step, world, self.step_flops)
         metrics["train/lr"] = self.cfg.optim.lr
         metrics["data/skipped"] = self._total_skipped()
         if self.peak_flops:  # model FLOP utilisation, against every process's peak
             metrics["perf/mfu"] = metrics["perf/tflops"] / (self.peak_flops * world / 1e12)
         self.metrics.log(done, metrics)
-        self.train_seconds += w.seconds()
-        self.images_seen += self._images(w)
+        self.progress.close(w)
         self.last = metrics
         self.bar.set_postfix(
             loss=f"{metrics['train/loss']:.4f}", img_s=f"{metrics['perf/images_per_sec']:.0f}"
         )
-        if self.bar.disable and self.acc.is_main_process:
+        if self.bar.disable and self.main:
             log.info(
                 "step %d/%d  train/loss %.4f  %.0f img/s",
                 done,
@@ -395,15 +320,11 @@ class Trainer:
         self.window = self._new_window()
 
     def _maybe_preempt(self, done: int) -> None:
-        """SIGTERM/SIGINT: checkpoint and stop (the ranks agree every few steps)."""
-        if self.acc.num_processes > 1:
-            if done % self.cfg.train.preempt_check_every:
-                return
-            flag = torch.tensor(float(self.signals.received), device=self.device)
-            signum = int(self.acc.reduce(flag, reduction="sum").item())
-        else:
-            signum = self.signals.received
-        if not signum or done >= self.cfg.train.total_steps:
+        """SIGTERM/SIGINT: checkpoint and stop."""
+        every = self.cfg.train.preempt_check_every
+        if done >= self.cfg.train.total_steps or not agreed_signal(
+            self.acc, self.signals, done, every
+        ):
             return
         self._save_checkpoint(done)
         self.metrics.log(done, {"event/preempted": 1})
@@ -414,17 +335,8 @@ class Trainer:
         )
 
     def _check_finite(self) -> None:
-        """Policy stop: raise Diverged if any step since the last log was non-finite."""
-        w = self.window
-        per_rank = self.acc.gather(torch.stack([w.bad, w.first_bad])[None])  # (ranks, 2)
-        if per_rank[:, 0].sum().item() > 0:
-            first = int(per_rank[:, 1].min().item())
-            raise Diverged(
-                first,
-                f"non-finite loss or gradient at step {first}: stopped "
-                f"(train.on_nonfinite=stop); the last good checkpoint is in "
-                f"{self.run_dir / 'checkpoints'}",
-            )
+        """Policy stop: Diverged if any step since the last log was non-finite."""
+        check_finite(self.acc, self.window, self.run_dir / "checkpoints")
 
     def _total_skipped(self) -> int:
         """Unreadable samples skipped so far, over all ranks."""
@@ -434,18 +346,18 @@ class Trainer:
         return int(self.acc.reduce(n, reduction="sum").item())
 
     def _save_grid(self, step: int) -> None:
-        if self.acc.is_main_process:
+        if self.main:
             self.grids(step, self.ema.model)
 
     def _probe_curvature(self, step: int) -> None:
-        if self.acc.is_main_process:  # one probe per run: it is a property of the weights
+        if self.main:  # one probe per run: it is a property of the weights
             self.metrics.log(step, self.probe(self.module))
         self.acc.wait_for_everyone()
 
     def _save_checkpoint(self, step: int) -> None:
         if self.cfg.train.on_nonfinite == "stop":
             self._check_finite()  # never write a checkpoint past a divergence
-        if self.acc.is_main_process:
+        if self.main:
             ckpt.save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:07d}.pt",
                 step,
@@ -455,7 +367,7 @@ class Trainer:
                 self.acc.scaler,
                 self.config_text,
                 self.acc.num_processes,
-                self._progress(step),
+                self.progress.record(step, self.window),
             )
             for old in checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
                 old.unlink()

@@ -7,6 +7,7 @@ on the device, so divergence is noticed without a per-step sync.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -90,3 +91,34 @@ class StepOut:
     t: torch.Tensor  # (B,)
     per_sample: torch.Tensor  # (B,) weighted loss
     per_sample_mse: torch.Tensor  # (B,) unweighted ε-MSE
+
+
+class Progress:
+    """The whole run's time, images and segments: the resumed checkpoint's record plus
+    this segment's closed windows plus the open one (so a checkpoint between logs
+    loses none of its steps)."""
+
+    def __init__(self, before: dict, start_step: int, images_per_step: int):
+        self.before, self.start_step, self.images_per_step = before, start_step, images_per_step
+        self.wall_start = time.perf_counter()
+        self.train_seconds, self.images = 0.0, 0
+
+    def close(self, w: Window) -> None:
+        self.train_seconds += w.seconds()
+        self.images += w.steps * self.images_per_step
+
+    def record(self, step: int, w: Window) -> dict:
+        b, seconds = self.before, time.perf_counter() - self.wall_start
+        segment = {
+            "start_step": self.start_step,
+            "end_step": step,
+            "seconds": seconds,
+            "host": socket.gethostname(),
+        }
+        train_s = self.train_seconds + w.seconds()
+        return {
+            "wall_time_s": b.get("wall_time_s", 0.0) + seconds,
+            "train_time_s": b.get("train_time_s", 0.0) + train_s,
+            "images": b.get("images", 0) + self.images + w.steps * self.images_per_step,
+            "segments": [*b.get("segments", []), segment],
+        }
