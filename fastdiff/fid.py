@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from fastdiff.diffusion import Schedule
 from fastdiff.sampling import SAMPLERS, to_uint8
 from fastdiff.seeding import stream_generator
-from fastdiff.stats import bootstrap_fid
+from fastdiff.stats import bootstrap_fid, frechet_from_features, sqrt_psd
 from fastdiff.tuning import reuse_freed_memory
 
 log = logging.getLogger("fastdiff")
@@ -257,6 +257,7 @@ class FIDEvaluator:
         self.cuda = torch.device(device).type == "cuda"
         self.batch_size = batch_size
         self._feature_extractor = None
+        self._sqrt_ref: np.ndarray | None = None
 
     def _extractor(self):
         if self._feature_extractor is None:
@@ -304,23 +305,29 @@ class FIDEvaluator:
         )
         return feats[self.spec.layer], stats
 
+    def _root(self, sigma_ref: np.ndarray) -> np.ndarray:
+        """√Σ_ref, once per evaluator (the reference does not change between calls)."""
+        if self._sqrt_ref is None:
+            self._sqrt_ref = sqrt_psd(sigma_ref)
+        return self._sqrt_ref
+
     def __call__(
         self, samples: torch.Tensor, bootstrap: int = 0, prc: bool = False, seed: int = 0
     ) -> dict[str, float]:
         """FID (torch-fidelity's), KID mean and std, and on request a bootstrap interval
         of the FID over the samples (``fid_lo``, ``fid_hi``, ``fid_se``) and precision /
         recall: all from one extraction of the samples' features."""
-        from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
         from torch_fidelity.metric_kid import kid_features_to_metric
         from torch_fidelity.metric_prc import prc_features_to_metric
 
         feats = self.features(samples)
         ref_feats, ref_stats = self._reference()
-        stats = fid_features_to_statistics(feats)
-        ref_stats = {k: np.asarray(v).astype(stats[k].dtype) for k, v in ref_stats.items()}
-        out = {
-            "fid": fid_statistics_to_metric(stats, ref_stats, False)["frechet_inception_distance"]
-        }
+        # The Fréchet distance from eigendecompositions of symmetric matrices (fastdiff.
+        # stats) rather than scipy's sqrtm of the non-symmetric Σ Σ_ref: the same value
+        # (tested against sqrtm), and at D=2048 on 2 CPU cores 0.8 s against 13 s.
+        mu_ref, sigma_ref = (np.asarray(ref_stats[k], np.float64) for k in ("mu", "sigma"))
+        root, tr_ref = self._root(sigma_ref), float(np.trace(sigma_ref))
+        out = {"fid": frechet_from_features(feats.double().numpy(), mu_ref, root, tr_ref)}
         if ref_feats is not None:
             kid = kid_features_to_metric(
                 feats,
@@ -345,7 +352,7 @@ class FIDEvaluator:
                 out["recall"] = pr["recall"]
         if bootstrap:
             boot = bootstrap_fid(
-                feats.double().numpy(), ref_stats["mu"], ref_stats["sigma"], bootstrap, seed
+                feats.double().numpy(), mu_ref, sigma_ref, bootstrap, seed, root=root
             )
             out |= {f"fid_{k}": boot[k] for k in ("lo", "hi", "se", "debiased")}
         return out

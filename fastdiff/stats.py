@@ -136,13 +136,14 @@ def bootstrap_fid(
     resamples: int = 100,
     seed: int = 0,
     level: float = LEVEL,
+    root: np.ndarray | None = None,
 ) -> dict[str, float]:
     """FID of the generated features and its bootstrap over them: the samples are
     redrawn with replacement, the reference statistics held fixed. The interval is the
     basic bootstrap one (2·FID − upper and lower quantiles), which corrects the
     plug-in estimator's upward bias to first order; ``se`` is the resamples' std."""
     features = np.asarray(features, np.float64)
-    root = sqrt_psd(np.asarray(sigma_ref, np.float64))
+    root = sqrt_psd(np.asarray(sigma_ref, np.float64)) if root is None else root
     tr_ref = float(np.trace(sigma_ref))
     fid = frechet_from_features(features, mu_ref, root, tr_ref)
     rng = np.random.default_rng(seed)
