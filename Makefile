@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 # The benches also run here once, untimed, on tiny shapes, so they never rot.
 test: $(STAMP) lint
-	FASTDIFF_BENCH_SMOKE=1 $(BIN)/python -m pytest --benchmark-disable
+	FASTDIFF_BENCH_SMOKE=1 $(BIN)/python -m pytest --benchmark-disable --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benches -p no:randomly --benchmark-only --benchmark-autosave \

@@ -54,7 +54,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adam"
+    name: str = "adam"  # or "adamw": weight decay decoupled from the gradient
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
@@ -112,7 +112,7 @@ class SamplingConfig:
     grid_images: int = 64
     grid_every: int = 2000
     seed: int = 0  # the sampling stream: grids of every run start from the same noise
-    ddpm_variance: str = "posterior"  # "posterior" (β̃) or "beta" (β)
+    ddpm_variance: str = "posterior"  # the grids' DDPM σ²: "posterior" (β̃) or "beta" (β)
 
 
 @dataclass
@@ -436,7 +436,10 @@ def validate(cfg: Config) -> None:
         f"unknown loss.weighting {cfg.loss.weighting!r}: use one of {', '.join(WEIGHTINGS)}",
     )
     need(cfg.loss.minsnr_gamma > 0, f"loss.minsnr_gamma must be > 0, got {cfg.loss.minsnr_gamma}")
-    need(cfg.optim.name == "adam", f"optim.name must be 'adam', got {cfg.optim.name!r}")
+    need(
+        cfg.optim.name in ("adam", "adamw"),
+        f"optim.name must be 'adam' or 'adamw' (decoupled weight decay), got {cfg.optim.name!r}",
+    )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
     for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         value = getattr(cfg.train, key)
@@ -501,6 +504,10 @@ def validate(cfg: Config) -> None:
     for key in ("grid_sampler", "sampler"):
         name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
         need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    need(
+        cfg.sampling.ddpm_variance in ("posterior", "beta"),
+        f"sampling.ddpm_variance must be 'posterior' or 'beta', got {cfg.sampling.ddpm_variance!r}",
+    )
     for key, nfe in (("sampling.grid_nfe", cfg.sampling.grid_nfe), ("eval.nfe", cfg.eval.nfe)):
         need(1 <= nfe <= cfg.diffusion.T, f"{key} must be in [1, T={cfg.diffusion.T}], got {nfe}")
     need(

@@ -39,7 +39,7 @@ class Grids:
 
         c = self.cfg
         g = stream_generator(c.seed, "grid")
-        x = sample(c.grid_sampler, model, self.shape, self.schedule, c.grid_nfe, g)
+        x = sample(c.grid_sampler, model, self.shape, self.schedule, c.grid_nfe, g, c.ddpm_variance)
         x = (x.float().cpu() + 1) / 2
         stats = {
             kind: {

@@ -23,6 +23,9 @@ from torch import nn
 from fastdiff.flat import Handover, flatten_
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 class FlatAdam:
     def __init__(
         self,
@@ -32,12 +35,16 @@ class FlatAdam:
         betas: tuple[float, float],
         weight_decay: float,
         grad_clip: float,
+        name: str = "adam",
     ):
-        """Moves ``model``'s parameters into one flat buffer (``self.flat``)."""
+        """Moves ``model``'s parameters into one flat buffer (``self.flat``). ``name``:
+        ``adam`` (weight decay added to the gradient, L2) or ``adamw`` (decoupled)."""
+        if name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
         self.acc, self.grad_clip = accelerator, grad_clip
         self.flat = flatten_(model)
         self.handover = Handover(self.flat, model)
-        adam = torch.optim.Adam(
+        adam = OPTIMIZERS[name](
             [self.flat], lr=lr, betas=betas, weight_decay=weight_decay, fused=True
         )
         self.optimizer = accelerator.prepare_optimizer(adam)

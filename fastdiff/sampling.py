@@ -125,12 +125,20 @@ def ddim_sample(
 
 
 def sample(
-    name: str, model, shape, schedule: Schedule, nfe: int, generator: torch.Generator
+    name: str,
+    model,
+    shape,
+    schedule: Schedule,
+    nfe: int,
+    generator: torch.Generator,
+    ddpm_variance: str = "posterior",
 ) -> torch.Tensor:
-    """Look a sampler up by name (``sampling.sampler`` in the config) and run it."""
+    """Look a sampler up by name (``sampling.grid_sampler`` in the config) and run it;
+    ``ddpm_variance`` is DDPM's σ² choice (``sampling.ddpm_variance``), unused by DDIM."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](model, shape, schedule, nfe, generator)
+    options = {"variance": ddpm_variance} if name == "ddpm" else {}
+    return SAMPLERS[name](model, shape, schedule, nfe, generator, **options)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)
         o = cfg.optim
         self.optimizer = FlatAdam(
-            model, self.acc, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.train.grad_clip
+            model, self.acc, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.train.grad_clip, o.name
         )
         self.ema = EMA(model, cfg.train.ema_decay, self.optimizer.flat)
         # The model is on self.device already: accelerate's own .to("cpu:0") would copy

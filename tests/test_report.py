@@ -224,6 +224,8 @@ def test_report_files_and_plots(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 5000
     html = (tmp_path / "out" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
+    # real Markdown: the criteria table with its header, code spans, no literal backticks
+    assert "<th>criterion</th>" in html and "<code>" in html and "`" not in html
     verdicts = json.loads((tmp_path / "out" / "report.json").read_text())
     assert verdicts["card"] == "e9"
     for crit in verdicts["criteria"]:

@@ -183,3 +183,34 @@ def test_ddim_follows_its_deterministic_map_at_every_step(schedule):
             a_prev = ac[i - 1]
             factor *= a_prev**0.5 * g + (1 - a_prev) ** 0.5 * (1 - a**0.5 * g) / (1 - a) ** 0.5
     torch.testing.assert_close(out.double(), factor * x_T, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, variance):
+    """sampling.ddpm_variance reaches the grid's DDPM sampler (and DDIM takes none)."""
+    from fastdiff.config import SamplingConfig
+    from fastdiff.jobs import Grids
+    from fastdiff.sampling import SAMPLERS
+
+    seen = []
+
+    def spy(model, shape, schedule, nfe, generator, **options):
+        seen.append(options)
+        return torch.zeros(shape)
+
+    monkeypatch.setitem(SAMPLERS, "ddpm", spy)
+    monkeypatch.setitem(SAMPLERS, "ddim", spy)
+    schedule = Schedule.make("linear", 10)
+    reference = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    for sampler in ("ddpm", "ddim"):
+        cfg = SamplingConfig(grid_sampler=sampler, grid_images=4, ddpm_variance=variance)
+        Grids(tmp_path, cfg, schedule, (3, 8, 8), reference)(1, torch.nn.Identity())
+    assert seen == [{"variance": variance}, {}]
+
+
+def test_a_bad_ddpm_variance_is_one_line(tmp_path):
+    from fastdiff.config import ConfigError, compose, to_config
+    from tests.conftest import tiny
+
+    with pytest.raises(ConfigError, match="sampling.ddpm_variance must be"):
+        to_config(compose(tiny(tmp_path, "sampling.ddpm_variance=sigma")))

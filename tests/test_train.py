@@ -247,3 +247,35 @@ def test_loss_by_timestep_bin_equals_a_host_side_recomputation(tmp_path, monkeyp
             unweighted[inside].mean().item(), rel=1e-5
         )
     assert sum(k.startswith("train/loss_by_t/") for k in row) == bins
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optimizer_choice_is_the_first_adam_step_of_its_kind(tmp_path, name):
+    """Adam's first step moves each weight by lr·ĝ/(|ĝ| + ε) (bias-corrected moments of
+    one gradient): ĝ = g + λθ for adam (L2), and for adamw ĝ = g with θ first shrunk by
+    (1 − lr·λ), computed here from the step's own gradient and the weights before it."""
+    lr, wd, eps = 1e-3, 0.5, 1e-8
+    cfg = to_config(
+        compose(
+            tiny(
+                tmp_path,
+                f"optim.name={name}",
+                f"optim.lr={lr}",
+                f"optim.weight_decay={wd}",
+                "train.grad_clip=0",
+                "train.amp=false",
+            )
+        )
+    )
+    trainer = trainer_mod.Trainer(cfg)
+    before = trainer.optimizer.flat.detach().clone().double()
+    trainer.train_step(0)
+    g = trainer.optimizer.flat.grad.double()
+    if name == "adam":
+        g = g + wd * before
+        expected = before - lr * g / (g.abs() + eps)
+    else:
+        expected = before * (1 - lr * wd) - lr * g / (g.abs() + eps)
+    torch.testing.assert_close(
+        trainer.optimizer.flat.detach().double(), expected, rtol=0, atol=1e-6
+    )

@@ -122,43 +122,20 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
 
 
 def _html(md: str, out: Path, figures: list[str]) -> str:
-    """A minimal self-contained page: tables and lists from the markdown, images inlined."""
-    import html
+    """report.html: REPORT.md through Python-Markdown (tables, code spans), one
+    self-contained file with the figures inlined as data URIs."""
+    import markdown
 
-    body, in_table = [], False
-    for line in md.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("- "):
-            body.append(f"<p>• {html.escape(line[2:])}</p>")
-        elif line.startswith("!["):
-            name = line[line.index("(") + 1 : -1]
-            data = base64.b64encode((out / name).read_bytes()).decode()
-            body.append(f'<img alt="{name}" src="data:image/png;base64,{data}">')
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
+    body = markdown.markdown(md, extensions=["tables"], output_format="html")
+    for name in figures:
+        data = base64.b64encode((out / name).read_bytes()).decode()
+        body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{data}"')
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse}td{border:1px solid #ccc;padding:4px 8px}"
-        "img{max-width:100%}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "img{max-width:100%}code{background:#f4f4f4;padding:0 2px}"
     )
-    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>" + "\n".join(body)
+    return f"<!doctype html><meta charset='utf-8'><style>{style}</style>\n{body}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
