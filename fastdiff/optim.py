@@ -22,7 +22,6 @@ from torch import nn
 
 from fastdiff.flat import Handover, flatten_
 
-
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
