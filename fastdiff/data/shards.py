@@ -3,7 +3,8 @@
 Training stream, per (rank, worker):
   shards[rank::world]             split by node: ranks read disjoint shards
   → resampled shard choice         from a generator keyed by (seed, rank, worker, epoch)
-  → tar → samples                  a corrupt shard or sample is skipped, warned, counted
+  → tar → samples                  WebDataset's tarfile_to_samples; a corrupt shard or
+                                   sample is skipped, warned, counted
   → shuffle buffer → PNG → uint8 CHW
   → fixed number of batches        epoch length fixed per rank: uneven shards never hang
 The loader pins host memory; scaling to [-1, 1] and flips happen on the device.
@@ -57,72 +58,9 @@ def decode_png(data: bytes) -> torch.Tensor:
     )
 
 
-def tar_samples(path: str | Path):
-    """Samples of one shard as dicts {"__key__", "png", "cls", ...}, in order.
-
-    A direct reader of the POSIX tar layout (512-byte headers, data padded to 512),
-    several times faster than the tarfile module that webdataset iterates with; the
-    header checksum is verified, and a truncated or corrupt shard raises ValueError
-    at the first bad member (the stream's handler counts and skips it).
-    """
-    data = Path(path).read_bytes()
-    view = memoryview(data)
-    offset, sample, key, ended, pax_path = 0, {}, None, False, None
-    while offset + 512 <= len(data):
-        header = data[offset : offset + 512]
-        if header == _ZERO_BLOCK:
-            ended = True
-            break
-        stored = int(header[148:156].rstrip(b"\0 ") or b"0", 8)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ValueError(f"{path}: bad tar header checksum at byte {offset}")
-        kind = header[156:157]
-        name = header[:100].rstrip(b"\0").decode()
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-        start = offset + 512
-        if start + size > len(data):
-            raise ValueError(f"{path}: truncated member {name}")
-        offset = start + (size + 511) // 512 * 512
-        if kind in (b"x", b"g"):  # PAX extended header: only a long path matters here
-            records = _pax_records(data[start : start + size])
-            if kind == b"x" and "path" in records:
-                pax_path = records["path"]
-            continue
-        if kind not in (b"0", b"\0"):
-            raise ValueError(f"{path}: unsupported tar member type {kind!r} (re-run prepare)")
-        if pax_path is not None:
-            name, pax_path = pax_path, None
-        member_key, _, ext = name.partition(".")
-        if member_key != key and sample:
-            yield sample
-            sample = {}
-        key = member_key
-        sample["__key__"] = key
-        sample[ext] = bytes(view[start : start + size])
-    if not ended:
-        raise ValueError(f"{path}: truncated (no end-of-archive block)")
-    if sample:
-        yield sample
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    """ "%d key=value\\n" records of a PAX header."""
-    out, i = {}, 0
-    while i < len(payload):
-        space = payload.index(b" ", i)
-        length = int(payload[i:space])
-        key, _, value = payload[space + 1 : i + length - 1].partition(b"=")
-        out[key.decode()] = value.decode()
-        i += length
-    return out
-
-
 def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of one shard, in order: uint8 (N, 3, H, W) and labels (N,)."""
-    samples = list(tar_samples(path))
+    samples = list(wds.tarfile_to_samples()([{"url": str(path)}]))
     return (
         torch.stack([decode_png(s["png"]) for s in samples]),
         torch.tensor([int(s["cls"]) for s in samples]),
@@ -212,20 +150,22 @@ class ShardStream(IterableDataset):
                 reported = skips.count
 
         def read(urls):
-            failures = 0  # in a row: every shard unreadable must not spin forever
-            for item in urls:
-                try:
-                    for sample in tar_samples(item["url"]):
-                        failures = 0
-                        yield sample
-                except (OSError, ValueError) as exn:  # unreadable or truncated shard
-                    skips(exn)
-                    failures += 1
-                    if failures >= 3 * len(self.urls) + 10:
-                        raise RuntimeError(
-                            f"no readable shard among {len(self.urls)} in "
-                            f"{self.path}: re-run fastdiff.data.prepare"
-                        ) from exn
+            """WebDataset's own stages: tar members grouped into samples by key."""
+            failures = [0]  # in a row: every shard unreadable must not spin forever
+
+            def handler(exn: Exception) -> bool:  # an unreadable or truncated shard
+                skips(exn)
+                failures[0] += 1
+                if failures[0] >= 3 * len(self.urls) + 10:
+                    raise RuntimeError(
+                        f"no readable shard among {len(self.urls)} in "
+                        f"{self.path}: re-run fastdiff.data.prepare"
+                    ) from exn
+                return True
+
+            for sample in wds.tarfile_to_samples(handler=handler)(urls):
+                failures[0] = 0
+                yield sample
 
         samples = read(shard_urls())
         samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 200), rng=rng)(
