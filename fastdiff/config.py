@@ -401,26 +401,47 @@ def to_config(cfg: DictConfig) -> Config:
     return obj
 
 
-def validate(cfg: Config) -> None:
-    from fastdiff.sampling import SAMPLERS
-    from fastdiff.unet import MODELS
+def need(ok: bool, msg: str) -> None:
+    """A failed check: one line, before any work."""
+    if not ok:
+        raise ConfigError(msg)
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
+
+def validate(cfg: Config) -> None:
+    """Every group checks its own values (and those it depends on in other groups);
+    data paths are checked with the data code (:func:`fastdiff.data.check_paths`)."""
+    for check in CHECKS.values():
+        check(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    from fastdiff.unet import MODELS
 
     need(
         cfg.model.name in MODELS,
         f"unknown model.name {cfg.model.name!r}: use one of {', '.join(MODELS)}",
     )
     need(
-        cfg.curvature.method in ("auto", "taylor", "jvp"),
-        f"curvature.method must be 'auto', 'taylor' or 'jvp', got {cfg.curvature.method!r}",
-    )
-    need(
         cfg.model.kernels in ("torch", "triton"),
         f"model.kernels must be 'torch' or 'triton', got {cfg.model.kernels!r}",
     )
+    spec = MODELS[cfg.model.name]
+    down = 2 ** (len(spec.ch_mult) - 1)
+    size = cfg.data.image_size
+    need(
+        size % down == 0,
+        f"{cfg.model.name} takes image sizes divisible by {down} (its downsampling), got "
+        f"data.image_size={size}: use e.g. {max(down, size // down * down)} or "
+        f"{-(-size // down) * down}",
+    )
+    need(
+        cfg.model.base_channels > 0 and cfg.model.base_channels % spec.norm_groups == 0,
+        f"model.base_channels must be a positive multiple of {spec.norm_groups} (the GroupNorm "
+        f"groups of {cfg.model.name}), got {cfg.model.base_channels}",
+    )
+
+
+def _check_diffusion(cfg: Config) -> None:
     need(
         cfg.diffusion.beta_schedule in BETA_SCHEDULES,
         f"unknown diffusion.beta_schedule {cfg.diffusion.beta_schedule!r}: use one of "
@@ -431,16 +452,25 @@ def validate(cfg: Config) -> None:
         0 <= cfg.train.loss_bins <= cfg.diffusion.T,
         f"train.loss_bins must be in [0, T={cfg.diffusion.T}], got {cfg.train.loss_bins}",
     )
+
+
+def _check_loss(cfg: Config) -> None:
     need(
         cfg.loss.weighting in WEIGHTINGS,
         f"unknown loss.weighting {cfg.loss.weighting!r}: use one of {', '.join(WEIGHTINGS)}",
     )
     need(cfg.loss.minsnr_gamma > 0, f"loss.minsnr_gamma must be > 0, got {cfg.loss.minsnr_gamma}")
+
+
+def _check_optim(cfg: Config) -> None:
     need(
         cfg.optim.name in ("adam", "adamw"),
         f"optim.name must be 'adam' or 'adamw' (decoupled weight decay), got {cfg.optim.name!r}",
     )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def _check_train(cfg: Config) -> None:
     for key in ("total_steps", "batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
         value = getattr(cfg.train, key)
         need(value > 0, f"train.{key} must be a positive integer, got {value}")
@@ -453,54 +483,51 @@ def validate(cfg: Config) -> None:
         f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}",
     )
     need(
+        cfg.train.on_nonfinite in ("stop", "skip"),
+        f"train.on_nonfinite must be 'stop' or 'skip', got {cfg.train.on_nonfinite!r}",
+    )
+    need(cfg.train.preempt_check_every > 0, "train.preempt_check_every must be > 0")
+    if cfg.train.resume not in (None, "auto"):
+        need(
+            Path(cfg.train.resume).exists(),
+            f"train.resume={cfg.train.resume} does not exist: "
+            "pass a checkpoint file or a run directory",
+        )
+    if cfg.train.init_from is not None:
+        need(
+            cfg.train.resume is None,
+            "train.init_from starts a new run and train.resume continues one: set only one",
+        )
+        need(
+            Path(cfg.train.init_from).is_file(),
+            f"train.init_from={cfg.train.init_from} does not exist: pass a checkpoint file",
+        )
+    for key in ("runs_root", "run_dir"):
+        where = getattr(cfg.train, key)
+        if where is not None:
+            problem = unwritable(Path(where))
+            need(problem is None, f"train.{key}={where} cannot be written: {problem}")
+
+
+def _check_data(cfg: Config) -> None:
+    from fastdiff.data import path_problem
+
+    need(
         cfg.data.name in ("digits", "cifar10", "shards"),
         f"unknown data.name {cfg.data.name!r}: use data=digits, data=cifar10 or data=shards",
     )
     need(cfg.data.image_size > 0, f"data.image_size must be > 0, got {cfg.data.image_size}")
-    spec = MODELS[cfg.model.name]
-    down = 2 ** (len(spec.ch_mult) - 1)
-    need(
-        cfg.data.image_size % down == 0,
-        f"{cfg.model.name} takes image sizes divisible by {down} (its downsampling), got "
-        f"data.image_size={cfg.data.image_size}: use e.g. "
-        f"{max(down, cfg.data.image_size // down * down)} or "
-        f"{-(-cfg.data.image_size // down) * down}",
-    )
-    need(
-        cfg.model.base_channels > 0 and cfg.model.base_channels % spec.norm_groups == 0,
-        f"model.base_channels must be a positive multiple of {spec.norm_groups} (the GroupNorm "
-        f"groups of {cfg.model.name}), got {cfg.model.base_channels}",
-    )
     need(
         cfg.data.workers is None or cfg.data.workers >= 0,
         f"data.workers must be >= 0 (or null for auto), got {cfg.data.workers}",
     )
-    if cfg.data.name in ("cifar10", "shards"):
-        where = "is not set" if cfg.data.path is None else f"={cfg.data.path} does not exist"
-        prepare = (
-            f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
-            f"cifar-10-python.tar.gz --out {cfg.data.path or 'data/cifar10'}"
-        )
-        need(
-            cfg.data.path is not None and Path(cfg.data.path).exists(),
-            f"data={cfg.data.name} needs data.path, which {where}: {prepare}, or use data=digits",
-        )
-        manifest = Path(cfg.data.path) / "manifest.json"
-        if cfg.data.name == "shards" or (
-            Path(cfg.data.path).is_dir()
-            and not manifest.exists()
-            and not list(Path(cfg.data.path).glob("*batch*"))
-        ):
-            need(manifest.is_file(), f"data.path={cfg.data.path} has no manifest.json: {prepare}")
-        if manifest.is_file():
-            import json
+    problem = path_problem(cfg.data)
+    need(problem is None, problem)
 
-            size = json.loads(manifest.read_text())["image_size"][0]
-            need(
-                size == cfg.data.image_size,
-                f"the shards in {cfg.data.path} are {size}x{size} "
-                f"but data.image_size={cfg.data.image_size}: set data.image_size={size}",
-            )
+
+def _check_sampling(cfg: Config) -> None:
+    from fastdiff.sampling import SAMPLERS
+
     for key in ("grid_sampler", "sampler"):
         name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
         need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
@@ -520,6 +547,13 @@ def validate(cfg: Config) -> None:
         f"sampling.grid_images must be a perfect square (the grid is square), got "
         f"{cfg.sampling.grid_images}: use {side * side} or {(side + 1) ** 2}",
     )
+
+
+def _check_curvature(cfg: Config) -> None:
+    need(
+        cfg.curvature.method in ("auto", "taylor", "jvp"),
+        f"curvature.method must be 'auto', 'taylor' or 'jvp', got {cfg.curvature.method!r}",
+    )
     need(
         cfg.curvature.probes > 0 and cfg.curvature.batch_size > 0,
         "curvature.probes and curvature.batch_size must be > 0",
@@ -535,6 +569,9 @@ def validate(cfg: Config) -> None:
         c.batch_size <= cfg.diffusion.T,
         f"curvature.batch_size must be <= T={cfg.diffusion.T} (one timestep per stratum)",
     )
+
+
+def _check_eval(cfg: Config) -> None:
     for key in ("milestone_every", "milestone_samples", "final_samples", "batch_size"):
         value = getattr(cfg.eval, key)
         need(value > 0, f"eval.{key} must be a positive integer, got {value}")
@@ -581,31 +618,19 @@ def validate(cfg: Config) -> None:
                 read_stats_file(fid.stats_path)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-    need(
-        cfg.train.on_nonfinite in ("stop", "skip"),
-        f"train.on_nonfinite must be 'stop' or 'skip', got {cfg.train.on_nonfinite!r}",
-    )
-    need(cfg.train.preempt_check_every > 0, "train.preempt_check_every must be > 0")
-    if cfg.train.resume not in (None, "auto"):
-        need(
-            Path(cfg.train.resume).exists(),
-            f"train.resume={cfg.train.resume} does not exist: "
-            "pass a checkpoint file or a run directory",
-        )
-    if cfg.train.init_from is not None:
-        need(
-            cfg.train.resume is None,
-            "train.init_from starts a new run and train.resume continues one: set only one",
-        )
-        need(
-            Path(cfg.train.init_from).is_file(),
-            f"train.init_from={cfg.train.init_from} does not exist: pass a checkpoint file",
-        )
-    for key in ("runs_root", "run_dir"):
-        where = getattr(cfg.train, key)
-        if where is not None:
-            problem = unwritable(Path(where))
-            need(problem is None, f"train.{key}={where} cannot be written: {problem}")
+
+
+CHECKS = {
+    "model": _check_model,
+    "diffusion": _check_diffusion,
+    "loss": _check_loss,
+    "optim": _check_optim,
+    "train": _check_train,
+    "data": _check_data,
+    "sampling": _check_sampling,
+    "curvature": _check_curvature,
+    "eval": _check_eval,
+}
 
 
 def unwritable(path: Path) -> str | None:

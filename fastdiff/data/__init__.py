@@ -7,6 +7,7 @@ digits and a raw CIFAR-10 python archive are held on the device.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +30,33 @@ __all__ = [
     "probe_pool",
     "to_model_range",
 ]
+
+
+def path_problem(data_cfg) -> str | None:
+    """What is wrong with data.path for this data set (None: nothing), as one line that
+    says what to do: missing, not prepared, or shards of another image size."""
+    if data_cfg.name not in ("cifar10", "shards"):
+        return None
+    path = data_cfg.path
+    prepare = (
+        f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
+        f"cifar-10-python.tar.gz --out {path or 'data/cifar10'}"
+    )
+    if path is None or not Path(path).exists():
+        where = "is not set" if path is None else f"={path} does not exist"
+        return f"data={data_cfg.name} needs data.path, which {where}: {prepare}, or use data=digits"
+    manifest = Path(path) / MANIFEST
+    raw = Path(path).is_dir() and not manifest.exists() and list(Path(path).glob("*batch*"))
+    if (data_cfg.name == "shards" or (Path(path).is_dir() and not raw)) and not manifest.is_file():
+        return f"data.path={path} has no {MANIFEST}: {prepare}"
+    if manifest.is_file():
+        size = json.loads(manifest.read_text())["image_size"][0]
+        if size != data_cfg.image_size:
+            return (
+                f"the shards in {path} are {size}x{size} but data.image_size="
+                f"{data_cfg.image_size}: set data.image_size={size}"
+            )
+    return None
 
 
 def default_workers() -> int:
