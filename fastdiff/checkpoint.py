@@ -228,10 +228,17 @@ def restore(
     """Load the checkpoint's state into the given objects (all of them, or with
     ``weights_only`` the model and EMA, for train.init_from with a fresh optimizer)."""
     state = ckpt.state
-    model.load_state_dict(state["model"])
+    per_block = any(k.endswith(".temb_proj.weight") for k in state["model"])
+    model.load_state_dict(state["model"])  # (per-block time projections load stacked)
     ema.load_state_dict(state["ema"])
     if weights_only:
         return
+    if per_block:  # the flat buffer's order changed with the stacked projection
+        raise ConfigError(
+            f"checkpoint {ckpt.path} was saved when each ResBlock held its own time "
+            "projection: its optimizer state does not fit today's parameter layout; start "
+            f"a new run from its weights with train.init_from={ckpt.path}"
+        )
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError:  # one flat parameter group since the flat buffer (fastdiff.flat)

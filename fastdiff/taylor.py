@@ -28,8 +28,10 @@ covers any other model, and the tests hold the two to the same values.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -239,7 +241,7 @@ class _Walker:
             names = (n for n, _ in module.named_parameters(recurse=False))
             self.params[module] = {n: params[f"{prefix}.{n}" if prefix else n] for n in names}
 
-    def __call__(self, module: nn.Module, x: Jet, temb: Jet | None = None) -> Jet:
+    def __call__(self, module: nn.Module, x: Jet, temb=None) -> Jet:
         p = self.params[module]
         if isinstance(module, nn.Conv2d):
             return conv2d(x, p["weight"], p["bias"], module.stride, module.padding)
@@ -259,11 +261,11 @@ class _Walker:
                 x = self(layer, x)
             return x
         if isinstance(module, nn.ModuleList):  # ResBlock [+ Attention]
-            x = self(module[0], x, temb)
+            x = self(module[0], x, next(temb))
             return self(module[1], x) if len(module) > 1 else x
-        if isinstance(module, ResBlock):
+        if isinstance(module, ResBlock):  # temb: this block's time projection
             h = self(module.conv1, self(module.norm1, x))
-            t = linear(lambda c: c[..., None, None], self(module.temb_proj, temb))
+            t = linear(lambda c: c[..., None, None], temb)
             h = self(module.conv2, self(module.norm2, add(h, t)))
             return add(self(module.skip, x), h)
         if isinstance(module, Attention):
@@ -286,17 +288,20 @@ def unet_jet(model: UNet, params: dict[str, Jet], x: torch.Tensor, t: torch.Tens
     """The model's output as a jet in the direction of the parameters' c1."""
     walk = _Walker(model, params)
     temb = silu(walk(model.temb, Jet(timestep_embedding(t, model.base_channels).to(x.dtype))))
+    stacked = walk(model.temb_proj, temb)  # every block's projection, in forward order
+    edges = [0, *itertools.accumulate(model.temb_sizes)]
+    projs = iter([linear(lambda c, a=a, b=b: c[..., a:b], stacked) for a, b in pairwise(edges)])
     h = walk(model.conv_in, Jet(x))
     hs = [h]
     for layer in model.down:
-        h = walk(layer, h, temb)
+        h = walk(layer, h, projs)
         hs.append(h)
-    h = walk(model.mid[0], h, temb)
-    h = walk(model.mid[2], walk(model.mid[1], h), temb)
+    h = walk(model.mid[0], h, next(projs))
+    h = walk(model.mid[2], walk(model.mid[1], h), next(projs))
     for layer in model.up:
         if isinstance(layer, nn.ModuleList):
             h = _cat(h, hs.pop())
-        h = walk(layer, h, temb)
+        h = walk(layer, h, projs)
     return walk(model.out, h)
 
 

@@ -13,7 +13,8 @@ the maths: the tests compare each against the plain version.
 
 Elsewhere, because they are part of a structure rather than a layer: the flat
 parameter buffer (:mod:`fastdiff.flat`) and the UNet's stacked time projections
-(``UNet._temb_projections``).
+(``UNet.temb_proj``: the 22 ResBlocks' time projections as one product, forward +
+backward 3.7 → 1.1 ms under bf16 autocast at batch 4).
 """
 
 from __future__ import annotations

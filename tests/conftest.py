@@ -18,9 +18,12 @@ def _seed():
 def _fresh_accelerator_state():
     """A run makes one Accelerator per process; tests make many in one, with different
     ``mixed_precision`` (``train.amp``), which accelerate refuses once its state is set.
-    The distributed state (PartialState) is kept."""
+    The distributed state (PartialState) is kept. Reset after each test too, so that a
+    module-scoped fixture that trains (set up before any test's reset) starts fresh."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()
+    yield
     AcceleratorState._reset_state()
 
 

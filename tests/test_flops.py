@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fastdiff.flops import peak_flops, train_step_flops
-from fastdiff.unet import Attention, ResBlock, build_model
+from fastdiff.unet import Attention, build_model
 
 
 def hand_count(name, ch, size, batch):
@@ -26,11 +26,8 @@ def hand_count(name, ch, size, batch):
         B, C, H, W = inp[0].shape
         fwd.append(2 * 2 * B * (H * W) ** 2 * C)  # QKᵀ and (softmax)·V
 
-    def resblock(m, inp, out):  # its temb_proj, which the UNet applies for all blocks at once
-        fwd.append(2 * out.shape[0] * m.temb_proj.in_features * m.temb_proj.out_features)
-
     for m in model.modules():
-        hook = {nn.Conv2d: conv, nn.Linear: linear, Attention: attention, ResBlock: resblock}
+        hook = {nn.Conv2d: conv, nn.Linear: linear, Attention: attention}
         hook = hook.get(type(m))
         if hook:
             m.register_forward_hook(hook)

@@ -253,3 +253,37 @@ def test_prepare_names_src_for_an_unreadable_archive(tmp_path, capsys):
     assert "not a readable CIFAR-10 archive" in err[0] and f"--src {bogus}" in err[0]
     assert "data.path" not in err[0] and "method" not in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def _per_block_projections(state: dict) -> dict:
+    """A model state dict as saved when each ResBlock held its own temb_proj."""
+    from fastdiff.unet import ResBlock, build_model
+
+    model = build_model("unet_tiny", 16, 0.1, 8)
+    state = dict(state)
+    w, b = state.pop("temb_proj.weight"), state.pop("temb_proj.bias")
+    names = [n for n, m in model.named_modules() if isinstance(m, ResBlock)]
+    lo = 0
+    for name, size in zip(names, model.temb_sizes, strict=True):
+        state[f"{name}.temb_proj.weight"], state[f"{name}.temb_proj.bias"] = (
+            w[lo : lo + size],
+            b[lo : lo + size],
+        )
+        lo += size
+    return state
+
+
+def test_a_checkpoint_of_the_per_block_layout_starts_a_run_but_is_not_resumed(finished, tmp_path):
+    """Its weights load (init_from), but its flat optimizer state has the old parameter
+    order: resuming it is one line that says to use init_from."""
+    _, run_dir = finished
+    state = torch.load(run_dir / "checkpoints" / "step_0000003.pt", weights_only=False)
+    state["model"] = _per_block_projections(state["model"])
+    state["ema"] = _per_block_projections(state["ema"])
+    old = tmp_path / "old" / "step_0000003.pt"
+    old.parent.mkdir()
+    torch.save(state, old)
+    with pytest.raises(ConfigError, match="own time projection.*train.init_from="):
+        run(tmp_path / "resumed", f"train.resume={old}")
+    run(tmp_path / "child", "train.total_steps=1", f"train.init_from={old}")
+    assert json.loads((only_run(tmp_path / "child") / "summary.json").read_text())["step"] == 1

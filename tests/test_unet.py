@@ -1,5 +1,8 @@
+import itertools
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdiff.unet import (
     MODELS,
@@ -158,11 +161,33 @@ def test_group_norm_runs_in_fp32_under_cpu_autocast(cls):
 
 
 def test_stacked_time_projections_equal_each_blocks_own():
-    """The UNet computes all ResBlocks' temb_proj in one product; each block must get
-    its own: the same network with every block projecting for itself agrees."""
+    """The UNet applies all ResBlocks' time projections as one product; each block must
+    get its own rows: projecting for each block separately, with its slice of the
+    stacked weights, agrees."""
     model = _randomised(build_model("unet_tiny", 16, 0.0, 8))
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
     stacked = model(x, t)
-    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
-    model._temb_projections = lambda temb: iter([b.temb_proj(temb) for b in blocks])
+    w, b = model.temb_proj.weight, model.temb_proj.bias
+    edges = [0, *itertools.accumulate(model.temb_sizes)]
+    model.temb_proj.forward = lambda temb: torch.cat(
+        [F.linear(temb, w[lo:hi], b[lo:hi]) for lo, hi in itertools.pairwise(edges)], 1
+    )
     torch.testing.assert_close(stacked, model(x, t), atol=1e-6, rtol=1e-5)
+
+
+def test_weights_saved_with_per_block_projections_load():
+    """A state dict from when each ResBlock held its own temb_proj loads into the
+    stacked projection, block rows in forward order: the same outputs."""
+    model = _randomised(build_model("unet_tiny", 16, 0.0, 8))
+    state = model.state_dict()
+    stacked_w, stacked_b = state.pop("temb_proj.weight"), state.pop("temb_proj.bias")
+    blocks = [n for n, m in model.named_modules() if isinstance(m, ResBlock)]
+    lo = 0
+    for name, size in zip(blocks, model.temb_sizes, strict=True):
+        state[f"{name}.temb_proj.weight"] = stacked_w[lo : lo + size].clone()
+        state[f"{name}.temb_proj.bias"] = stacked_b[lo : lo + size].clone()
+        lo += size
+    fresh = build_model("unet_tiny", 16, 0.0, 8)
+    fresh.load_state_dict(state)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    torch.testing.assert_close(fresh(x, t), model(x, t))
