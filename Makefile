@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test lint bench bench-check install clean
+.PHONY: quickstart test lint bench bench-check gpu-check install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench-check: $(STAMP)
 	$(BIN)/python -m pytest benches -k "fastdiff_train_step or sampler or bare_forward" --benchmark-only \
 		--benchmark-storage=file://benches/baseline --benchmark-compare=0001 \
 		--benchmark-compare-fail=median:25%
+
+# On a lent GPU: GPU tests, kernel benches, eager vs compiled steps (batch 4 and 128,
+# MFU), CUDA graphs, a 200-step e9b with FID; one JSON summary (benches/gpu_check.py).
+gpu-check: $(STAMP)
+	$(BIN)/python -m benches.gpu_check --out gpu-check.json --budget 290
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

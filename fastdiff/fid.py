@@ -115,6 +115,25 @@ def read_stats_file(
     return {"mu": mu, "sigma": sigma}
 
 
+def random_inception_weights(path: Path, seed: int) -> Path:
+    """A weights file saved from a freshly initialised torch-fidelity Inception module,
+    for tests and GPU smoke runs where the real weights cannot be downloaded: the
+    loading and scoring code is the real one, the numbers compare with nothing
+    published. (Fresh weights give features near 1e-8.)"""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
+    ):
+        torch.manual_seed(seed)
+        module = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(module.state_dict(), path)
+    return Path(path)
+
+
 def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
 

@@ -17,6 +17,7 @@ from fastdiff.fid import (
     FIDEvaluator,
     FIDUnavailable,
     generate,
+    random_inception_weights,
     resolve_weights,
     sample_generators,
     shard_of,
@@ -24,21 +25,6 @@ from fastdiff.fid import (
 from fastdiff.sampling import to_uint8
 from fastdiff.trainer import training_loop
 from tests.conftest import tiny
-
-
-def random_inception_weights(path, seed):
-    """A weights file saved from a freshly initialised torch-fidelity Inception module
-    (the real weights cannot be downloaded here); the loading code is the real one."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    with (
-        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None),
-    ):
-        torch.manual_seed(seed)
-        module = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    torch.save(module.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="session")
