@@ -21,7 +21,10 @@ from fastdiff.report import (
     spike_count,
     write_report,
 )
+from fastdiff.report.criteria import THRESHOLDS
 from tests.conftest import tiny
+
+E6, E9 = THRESHOLDS["e6"], THRESHOLDS["e9"]
 
 
 def make_run(
@@ -84,7 +87,7 @@ def traces(before, inside, steps=range(2000, 10001, 1000)):
 def test_curvature_reduction_boundary(tmp_path, inside, status):
     base = make_run(tmp_path / "a", "e5", "uniform", traces=traces(500.0, 100.0))
     treat = make_run(tmp_path / "b", "e6", "minsnr", traces=traces(1.0, inside))
-    crit = curvature_reduction([(base, treat)])
+    crit = curvature_reduction([(base, treat)], **E6["curvature_reduction"])
     assert crit.status == status  # only 6k–10k counts: the early values are ignored
     assert f"{(inside - 100) / 100:+.1%}" in crit.detail
 
@@ -95,7 +98,7 @@ def test_criteria_windows_scale_with_shorter_runs(tmp_path):
     treat = make_run(
         tmp_path / "b", "e6", "minsnr", total=1000, traces={s: v * 0.5 for s, v in short.items()}
     )
-    crit = curvature_reduction([(base, treat)])
+    crit = curvature_reduction([(base, treat)], **E6["curvature_reduction"])
     assert crit.status == PASS and "600–1000" in crit.name
     _, notes = evaluate([base, treat], "e6")
     assert any("scaled by 0.1" in n for n in notes)
@@ -108,16 +111,16 @@ def test_spike_count(tmp_path):
     same = make_run(tmp_path / "c", "e6", "minsnr", traces={2000: 151, 3000: 152})
     # limit 150: 1 point vs the baseline's 2, and 2 vs 2. Poisson SE √(1+2), √(2+2): both
     # intervals of the difference straddle −0.5, whatever the point estimate says
-    one = spike_count([(base, fewer)])
+    one = spike_count([(base, fewer)], **E6["spike_count"])
     assert one.status == INCONCLUSIVE and one.estimate == -1
     assert one.interval == pytest.approx((-1 - 1.959964 * 3**0.5, -1 + 1.959964 * 3**0.5))
-    assert spike_count([(base, same)]).status == INCONCLUSIVE
+    assert spike_count([(base, same)], **E6["spike_count"]).status == INCONCLUSIVE
     many = {2000 + 100 * i: (100 if i < 25 else 200) for i in range(40)}  # 15 of 40 spike
     spiky = make_run(tmp_path / "d", "e5", "uniform", traces=many)
     calm = make_run(tmp_path / "e", "e6", "minsnr", traces={s: 100 for s in many})
     # 0 vs 15 spikes: −15 ± 1.96·√15 = [−22.6, −7.4], all below −0.5
-    assert spike_count([(spiky, calm)]).status == PASS
-    assert spike_count([(calm, spiky)]).status == FAIL
+    assert spike_count([(spiky, calm)], **E6["spike_count"]).status == PASS
+    assert spike_count([(calm, spiky)], **E6["spike_count"]).status == FAIL
 
 
 @pytest.mark.parametrize(
@@ -127,14 +130,14 @@ def test_spike_count(tmp_path):
 def test_fid_band(tmp_path, treat_fid, band, improved):
     base = make_run(tmp_path / "a", "e5", "uniform", final_fid=10.0)
     treat = make_run(tmp_path / "b", "e6", "minsnr", final_fid=treat_fid)
-    assert [c.status for c in fid_band([(base, treat)])] == [band, improved]
+    assert [c.status for c in fid_band([(base, treat)], **E6["fid_band"])] == [band, improved]
 
 
 def test_missing_fid_is_not_evaluable_never_passed(tmp_path):
     base = make_run(tmp_path / "a", "e9a", "uniform", "cosine")
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=12.0)
-    assert {c.status for c in fid_band([(base, treat)])} == {NA}
-    assert fid_ratio([(base, treat)], "final").status == NA
+    assert {c.status for c in fid_band([(base, treat)], **E6["fid_band"])} == {NA}
+    assert fid_ratio([(base, treat)], "final", **E9["fid_ratio"]).status == NA
     crits, _ = evaluate([base, treat], "e9")
     assert all(c.status != PASS for c in crits if "FID" in c.name)
 
@@ -148,7 +151,7 @@ def test_e9_fid_ratio(tmp_path, treat_fid, status, word):
     treat = make_run(
         tmp_path / "b", "e9b", "minsnr", "cosine", fids={2000: 40.0}, final_fid=treat_fid
     )
-    crit = fid_ratio([(base, treat)], "best")
+    crit = fid_ratio([(base, treat)], "best", **E9["fid_ratio"])
     assert crit.status == status and word in crit.detail
 
 
@@ -160,8 +163,10 @@ def test_exploding_curvature_rule(tmp_path):
         tmp_path / "b", "e9b", "minsnr", "cosine", traces={1000: 999, 2000: 29, 3000: 12}
     )
     wild = make_run(tmp_path / "c", "e9b", "minsnr", "cosine", traces={2000: 10, 3000: 31})
-    assert exploding_curvature([(base, calm)]).status == PASS  # step 1000 is burn-in
-    assert exploding_curvature([(base, wild)]).status == FAIL
+    assert (
+        exploding_curvature([(base, calm)], **E9["exploding_curvature"]).status == PASS
+    )  # step 1000 is burn-in
+    assert exploding_curvature([(base, wild)], **E9["exploding_curvature"]).status == FAIL
 
 
 def test_unfinished_or_nan_run_fails_completion(tmp_path):
@@ -315,10 +320,13 @@ def test_fids_of_different_provenance_are_not_compared(tmp_path, change, named):
     base = _with_provenance(make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0))
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=10.5)
     same = _with_provenance(treat)
-    assert fid_ratio([(base, same)], "final").status == PASS
-    assert all(c.status == PASS for c in fid_band([(base, same)])[:1])
+    assert fid_ratio([(base, same)], "final", **E9["fid_ratio"]).status == PASS
+    assert all(c.status == PASS for c in fid_band([(base, same)], **E6["fid_band"])[:1])
     other = _with_provenance(treat, **change)
-    for crit in [fid_ratio([(base, other)], "final"), *fid_band([(base, other)])]:
+    for crit in [
+        fid_ratio([(base, other)], "final", **E9["fid_ratio"]),
+        *fid_band([(base, other)], **E6["fid_band"]),
+    ]:
         assert crit.status == NA
         assert "FIDs computed against different references" in crit.detail and named in crit.detail
     text = write_report([base, other], tmp_path / "out", "e9").read_text()
@@ -353,7 +361,7 @@ def _seeded_pairs(tmp_path, treat_inside, base_inside=100.0, trace_se=0.0):
 
 def test_seeds_give_a_paired_t_interval(tmp_path):
     pairs = _seeded_pairs(tmp_path, (70.0, 75.0, 80.0))
-    crit = curvature_reduction(pairs)
+    crit = curvature_reduction(pairs, **E6["curvature_reduction"])
     changes = [-0.30, -0.25, -0.20]
     mean = sum(changes) / 3
     sd = (sum((c - mean) ** 2 for c in changes) / 2) ** 0.5
@@ -364,23 +372,31 @@ def test_seeds_give_a_paired_t_interval(tmp_path):
     assert crit.values == pytest.approx(changes)
     # −0.25 ± 0.124: [−0.374, −0.126] straddles −15%
     assert crit.status == INCONCLUSIVE and "seeds would decide it" in crit.detail
-    tight = curvature_reduction(_seeded_pairs(tmp_path / "t", (70.0, 71.0, 72.0)))
+    tight = curvature_reduction(
+        _seeded_pairs(tmp_path / "t", (70.0, 71.0, 72.0)), **E6["curvature_reduction"]
+    )
     assert tight.status == PASS  # [−0.315, −0.255]
-    worse = curvature_reduction(_seeded_pairs(tmp_path / "w", (95.0, 96.0, 97.0)))
+    worse = curvature_reduction(
+        _seeded_pairs(tmp_path / "w", (95.0, 96.0, 97.0)), **E6["curvature_reduction"]
+    )
     assert worse.status == FAIL
 
 
 def test_one_seed_uses_the_logged_standard_errors(tmp_path):
     (pair,) = _seeded_pairs(tmp_path, (80.0,), trace_se=4.0)[:1]
-    crit = curvature_reduction([pair])
+    crit = curvature_reduction([pair], **E6["curvature_reduction"])
     # 5 probe steps in 6k–10k, each SE 4: window SE 4·√5/5; Δ = −20% with delta-method SE
     se_w = 4.0 * 5**0.5 / 5
     se = (se_w**2 + (0.8 * se_w) ** 2) ** 0.5 / 100
     assert crit.interval == pytest.approx((-0.2 - 1.959964 * se, -0.2 + 1.959964 * se), rel=1e-5)
     assert crit.status == PASS  # [−0.245, −0.155]
-    noisy = curvature_reduction([_seeded_pairs(tmp_path / "n", (80.0,), trace_se=12.0)[0]])
+    noisy = curvature_reduction(
+        [_seeded_pairs(tmp_path / "n", (80.0,), trace_se=12.0)[0]], **E6["curvature_reduction"]
+    )
     assert noisy.status == INCONCLUSIVE
-    unknown = curvature_reduction([_seeded_pairs(tmp_path / "u", (80.0,), trace_se=None)[0]])
+    unknown = curvature_reduction(
+        [_seeded_pairs(tmp_path / "u", (80.0,), trace_se=None)[0]], **E6["curvature_reduction"]
+    )
     assert unknown.status == INCONCLUSIVE and "no standard error" in unknown.detail
 
 
@@ -407,3 +423,21 @@ def test_study_seeds_argument():
     for bad, message in (("1077", "write --seeds 1077,"), ("x", "a count"), ("4,4", "each once")):
         with pytest.raises(Exception, match=message):
             parse_seeds(bad)
+
+
+def test_the_cards_thresholds_are_read_from_the_table(tmp_path, monkeypatch):
+    """evaluate() takes every threshold from THRESHOLDS: a final FID ratio of 1.2 is
+    within e9's 30% band, and outside a 10% one once the table says so."""
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0)
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=12.0)
+
+    def final_ratio():
+        crits, _ = evaluate([base, treat], "e9")
+        (crit,) = [c for c in crits if c.name.startswith("final FID within")]
+        return crit
+
+    assert "within 30%" in final_ratio().name
+    monkeypatch.setitem(E9, "fid_ratio", {"band": 1.1, "pathology": 2.0})
+    crit = final_ratio()
+    assert "within 10%" in crit.name and crit.estimate == pytest.approx(1.2)
+    assert crit.threshold == pytest.approx(1.1)

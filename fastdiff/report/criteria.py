@@ -168,11 +168,11 @@ def judge(
 
 def curvature_reduction(
     pairs: list[Pair],
+    lo: float,
+    hi: float,
+    threshold: float,
     key: str = TRACE,
-    lo: float = 6000,
-    hi: float = 10000,
     divide_by_mean_weight: bool = False,
-    threshold: float = 0.15,
     base_key: str | None = None,
 ) -> Criterion:
     """W1-E6: mean trace over [lo, hi] (card steps) at least ``threshold`` lower."""
@@ -210,7 +210,7 @@ def curvature_reduction(
     )
 
 
-def spike_count(pairs: list[Pair], lo: float = 2000, hi: float = 10000, factor: float = 1.5):
+def spike_count(pairs: list[Pair], lo: float, hi: float, factor: float) -> Criterion:
     """W1-E6: fewer points above ``factor`` × the baseline's median trace in [lo, hi]:
     the difference of the counts, with a Poisson standard error √(n_t + n_b)."""
     base0 = pairs[0][0]
@@ -297,8 +297,9 @@ def _fid_change(base: Run, treat: Run):
     return change_measure(ft, fb, f"{treat.name} {ft[0]:.2f} vs {base.name} {fb[0]:.2f}")
 
 
-def fid_band(pairs: list[Pair], max_increase: float = 0.10) -> list[Criterion]:
-    """W1-E6: final FID no worse than +10%; and whether it improved by 5–10%."""
+def fid_band(pairs: list[Pair], max_increase: float, improved: float) -> list[Criterion]:
+    """W1-E6: final FID no worse than +``max_increase``; and whether it improved by at
+    least ``improved``."""
     return [
         _fid_judge(
             f"final FID no worse than +{max_increase:.0%}",
@@ -308,12 +309,15 @@ def fid_band(pairs: list[Pair], max_increase: float = 0.10) -> list[Criterion]:
             True,
             _pct,
         ),
-        _fid_judge("final FID improved by ≥5%", pairs, _fid_change, -0.05, True, _pct),
+        _fid_judge(
+            f"final FID improved by ≥{improved:.0%}", pairs, _fid_change, -improved, True, _pct
+        ),
     ]
 
 
-def fid_ratio(pairs: list[Pair], which: str) -> Criterion:
-    """MS1-e9: Min-SNR's FID within 30% of vanilla (success); ≥2× is the pathology."""
+def fid_ratio(pairs: list[Pair], which: str, band: float, pathology: float) -> Criterion:
+    """MS1-e9: Min-SNR's FID within ``band`` × vanilla's (success); ≥ ``pathology`` ×
+    is the pathology."""
 
     def pick(run: Run):
         if which == "best":
@@ -328,17 +332,22 @@ def fid_ratio(pairs: list[Pair], which: str) -> Criterion:
         if fb is None or ft is None:
             return None
         r = ft[0] / fb[0]
-        word = "PATHOLOGY" if r >= 2 else ("within band" if r <= 1.3 else "outside band")
+        word = "PATHOLOGY" if r >= pathology else ("within band" if r <= band else "outside band")
         return ratio_measure(
             ft, fb, f"{treat.name} {ft[0]:.2f} / {base.name} {fb[0]:.2f} = {r:.2f}× ({word})"
         )
 
     return _fid_judge(
-        f"{which} FID within 30% of vanilla (pathology at ≥2×)", pairs, measure, 1.3, True, _times
+        f"{which} FID within {band - 1:.0%} of vanilla (pathology at ≥{pathology:g}×)",
+        pairs,
+        measure,
+        band,
+        True,
+        _times,
     )
 
 
-def recall_kept(pairs: list[Pair], floor: float = 0.8) -> Criterion:
+def recall_kept(pairs: list[Pair], floor: float) -> Criterion:
     """MS1-e9 "mode collapse": Min-SNR's recall (torch-fidelity prc, final samples) at
     least ``floor`` × vanilla's. fastdiff's rule; recall carries no within-run SE."""
 
@@ -378,11 +387,8 @@ def completed(run: Run) -> Criterion:
     )
 
 
-EXPLODE_FACTOR = 3.0
-
-
-def exploding_curvature(pairs: list[Pair], burn_in: float = 2000) -> Criterion:
-    """Rule: after burn-in, the treatment's trace stays below EXPLODE_FACTOR × the
+def exploding_curvature(pairs: list[Pair], burn_in: float, factor: float) -> Criterion:
+    """Rule: after burn-in, the treatment's trace stays below ``factor`` × the
     baseline's at the same probe step (the worst step's ratio, with its SE)."""
     lo = scale_steps(pairs[0][0], burn_in)
 
@@ -407,11 +413,11 @@ def exploding_curvature(pairs: list[Pair], burn_in: float = 2000) -> Criterion:
         )
 
     return judge(
-        f"no exploding curvature unique to Min-SNR (trace < {EXPLODE_FACTOR:g}× vanilla's "
+        f"no exploding curvature unique to Min-SNR (trace < {factor:g}× vanilla's "
         f"after step {lo:g})",
         by_seed(pairs),
         measure,
-        EXPLODE_FACTOR,
+        factor,
         True,
         "curvature.png",
         _times,
@@ -419,9 +425,9 @@ def exploding_curvature(pairs: list[Pair], burn_in: float = 2000) -> Criterion:
     )
 
 
-def loss_pathology(pairs: list[Pair]) -> Criterion:
+def loss_pathology(pairs: list[Pair], factor: float) -> Criterion:
     """Min-SNR-only loss pathology: treatment's unweighted ε-MSE over the last quarter
-    at least 2× the baseline's (the weighted losses are not comparable in scale)."""
+    at least ``factor`` × the baseline's (the weighted losses are not comparable in scale)."""
     key = "train/mse_unweighted"
 
     def last_quarter(run: Run):
@@ -438,10 +444,11 @@ def loss_pathology(pairs: list[Pair]) -> Criterion:
         return ratio_measure(t, b, f"{treat.name} {t[0]:.4g} vs {base.name} {b[0]:.4g}")
 
     return judge(
-        "no loss pathology unique to Min-SNR (unweighted ε-MSE, last quarter, < 2× vanilla's)",
+        f"no loss pathology unique to Min-SNR (unweighted ε-MSE, last quarter, < {factor:g}× "
+        "vanilla's)",
         by_seed(pairs),
         measure,
-        2.0,
+        factor,
         True,
         "loss.png",
         _times,
@@ -519,6 +526,26 @@ def confound_sentence(card: Criterion, unweighted: Criterion, rescaled: Criterio
     )
 
 
+# Each card's thresholds, in card steps (scaled to shorter runs) and ratios. "card":
+# written on the experiment card; "rule": fastdiff's reading where the card is silent.
+THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
+    "e6": {
+        # card: trace ≥15% lower over steps 6k–10k; fewer spikes; FID no worse than +10%
+        "curvature_reduction": {"lo": 6000, "hi": 10000, "threshold": 0.15},
+        "spike_count": {"lo": 2000, "hi": 10000, "factor": 1.5},  # rule: a spike is >1.5× median
+        "fid_band": {"max_increase": 0.10, "improved": 0.05},
+    },
+    "e9": {
+        "curvature_reduction": {"lo": 2000, "hi": 10000, "threshold": 0.15},
+        # card: FID within 30% of vanilla, pathology at ≥2×
+        "fid_ratio": {"band": 1.3, "pathology": 2.0},
+        "recall_kept": {"floor": 0.8},  # rule: "mode collapse" as recall below 0.8×
+        "loss_pathology": {"factor": 2.0},  # rule
+        "exploding_curvature": {"burn_in": 2000, "factor": 3.0},  # rule
+    },
+}
+
+
 def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[str]]:
     notes = []
     if card is None:
@@ -545,25 +572,29 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
             f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
             f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}."
         )
-    lo = card_crit_lo(card)
+    t = THRESHOLDS[card]
+    window = t["curvature_reduction"]
+    card_crit = curvature_reduction(pairs, **window)
     if card == "e6":
-        card_crit = curvature_reduction(pairs)
-        crits = [card_crit, spike_count(pairs), *fid_band(pairs)]
+        crits = [
+            card_crit,
+            spike_count(pairs, **t["spike_count"]),
+            *fid_band(pairs, **t["fid_band"]),
+        ]
     else:
-        card_crit = curvature_reduction(pairs, lo=2000)
         crits = [completed(r) for pair in pairs for r in pair]
         crits += [
-            fid_ratio(pairs, "best"),
-            fid_ratio(pairs, "final"),
-            recall_kept(pairs),
-            loss_pathology(pairs),
-            exploding_curvature(pairs),
+            fid_ratio(pairs, "best", **t["fid_ratio"]),
+            fid_ratio(pairs, "final", **t["fid_ratio"]),
+            recall_kept(pairs, **t["recall_kept"]),
+            loss_pathology(pairs, **t["loss_pathology"]),
+            exploding_curvature(pairs, **t["exploding_curvature"]),
         ]
         linear = pairs_of(runs, "linear")
         if linear:
             crits.append(fid_gap_persists(linear, pairs))
-    unw = curvature_reduction(pairs, TRACE_UNW, lo=lo, base_key=_unweighted_key(base))
-    rescaled = curvature_reduction(pairs, lo=lo, divide_by_mean_weight=True)
+    unw = curvature_reduction(pairs, **window, key=TRACE_UNW, base_key=_unweighted_key(base))
+    rescaled = curvature_reduction(pairs, **window, divide_by_mean_weight=True)
     crits += [unw, rescaled]
     notes.append(confound_sentence(card_crit, unw, rescaled))
     if any(c.status == INCONCLUSIVE for c in crits):
@@ -576,7 +607,7 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
 
 
 def card_crit_lo(card: str) -> float:
-    return 6000 if card == "e6" else 2000
+    return THRESHOLDS[card]["curvature_reduction"]["lo"]
 
 
 def _unweighted_key(base: Run) -> str:
