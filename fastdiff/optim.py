@@ -55,9 +55,19 @@ class FlatAdam:
     def step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of ``loss`` and one update. Returns the gradient's global norm
         before clipping and whether the step was finite (both device tensors)."""
+        self.backward(loss)
+        return self.update(loss)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The loss's gradient into the flat gradient buffer (handed over, not summed)."""
         self.handover.release()
         self.acc.backward(loss)
         self.handover.collect()
+
+    def update(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from the gradient in the flat buffer, however it got there (a
+        fused study writes several models' gradients at once); ``loss`` only decides
+        whether the step is finite."""
         norm = self._clip()
         finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
         if self.acc.scaler is None:

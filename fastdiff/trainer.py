@@ -199,7 +199,21 @@ class Trainer:
         return jobs
 
     def train(self) -> dict:
-        cfg, total = self.cfg, self.cfg.train.total_steps
+        """Every step from start_step to total_steps, then summary.json (and the report).
+        A run that several steps drive together (a fused study) calls begin, after_step
+        and finish itself."""
+        self.begin()
+        stop = None
+        with self.signals.caught():
+            try:
+                for step in range(self.start_step, self.cfg.train.total_steps):
+                    self.after_step(step, self._timed_step(step))
+            except Stopped as err:
+                stop = err
+        return self.finish(stop)
+
+    def begin(self) -> None:
+        cfg = self.cfg
         if self.main:
             log.info(
                 "run dir %s | %s | %.2fM params | %s x%d | %s",
@@ -212,41 +226,46 @@ class Trainer:
             )
         show = cfg.train.progress and self.main
         self.bar = tqdm(
-            total=total, initial=self.start_step, desc=cfg.experiment, unit="step", disable=not show
+            total=cfg.train.total_steps,
+            initial=self.start_step,
+            desc=cfg.experiment,
+            unit="step",
+            disable=not show,
         )
         before = self.resumed.progress if self.resumed is not None else {}
         self.progress = Progress(before, self.start_step, self._images_per_step)
         self.window, self.last = self._new_window(), {}
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.objective.weights.mean().item()})
-        jobs, self.signals, stop = self.jobs(), Signals(), None
-        with self.signals.caught():
-            try:
-                for step in range(self.start_step, total):
-                    self.window.add(step, self._timed_step(step))
-                    self.bar.update()
-                    done = step + 1
-                    if done % cfg.train.log_every == 0 or done == total:
-                        self._log(done)  # and a new window, which excludes the jobs' time
-                    for due, job in jobs:
-                        if due(done):
-                            t0 = time.perf_counter()
-                            job(done)
-                            self.window.excluded += time.perf_counter() - t0
-                    self._maybe_preempt(done)
-            except Stopped as err:
-                stop = err
+        self._jobs, self.signals = self.jobs(), Signals()
+
+    def after_step(self, step: int, out: StepOut) -> None:
+        """Account the step, log at the cadence, run the jobs that are due, and stop
+        (Preempted) if a signal came."""
+        self.window.add(step, out)
+        self.bar.update()
+        done, total = step + 1, self.cfg.train.total_steps
+        if done % self.cfg.train.log_every == 0 or done == total:
+            self._log(done)  # and a new window, which excludes the jobs' time
+        for due, job in self._jobs:
+            if due(done):
+                t0 = time.perf_counter()
+                job(done)
+                self.window.excluded += time.perf_counter() - t0
+        self._maybe_preempt(done)
+
+    def finish(self, stop: Stopped | None) -> dict:
+        """summary.json (and the report); re-raises ``stop`` once they are written."""
         self.bar.close()
         summary = self._summary(stop_status(stop))
         self.metrics.close()
         if self.main:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            if cfg.train.report:
+            if self.cfg.train.report:
                 from fastdiff.report import Run, write_report
 
-                log.info(
-                    "report: %s", write_report([Run.load(self.run_dir)], self.run_dir / "report")
-                )
+                report = write_report([Run.load(self.run_dir)], self.run_dir / "report")
+                log.info("report: %s", report)
         if stop is not None:
             raise stop
         self.acc.wait_for_everyone()
