@@ -218,15 +218,36 @@ def short_e9b(smoke: bool, work: Path) -> dict:
     }
 
 
-def fused() -> dict:
-    try:
-        import fastdiff.fused  # noqa: F401
-    except ImportError:
-        return {
-            "status": "not built",
-            "why": "the fused K-arm step (issue 18) is not in fastdiff yet",
-        }
-    return {"status": "not measured", "why": "add its K=1, 2, 4, 8 timings here"}
+def fused(smoke: bool, work: Path) -> dict:
+    """The fused K-arm step (fastdiff.fused) at K = 1, 2, 4, 8 against K sequential
+    steps of the same runs, batch 4, AMP."""
+    from benches.test_bench_fused import k_run_configs
+    from fastdiff.fused import FusedRuns
+    from fastdiff.trainer import Trainer
+
+    out = {}
+    steps = 2 if smoke else 10
+    for k in (1, 2) if smoke else (1, 2, 4, 8):
+        fresh_trainer_state()
+        cfgs = k_run_configs(k, "amp", work / f"fused{k}", smoke)
+        runs = FusedRuns(cfgs)
+        fresh_trainer_state()
+        trainers = [Trainer(c) for c in k_run_configs(k, "amp", work / f"seq{k}", smoke)]
+        timing = {}
+        for name, step in (
+            ("fused", runs.step),
+            ("sequential", lambda s, ts=trainers: [t.train_step(s) for t in ts]),
+        ):
+            step(0)[-1].loss.item()
+            sync()
+            t0 = time.perf_counter()
+            for s in range(1, 1 + steps):
+                outs = step(s)
+            outs[-1].loss.item()
+            sync()
+            timing[name] = (time.perf_counter() - t0) / steps
+        out[f"K{k}"] = timing | {"speedup": timing["sequential"] / timing["fused"]}
+    return {"status": "ok", **out}
 
 
 PARTS = ("gpu_tests", "kernels", "steps", "cuda_graphs", "e9b", "fused")
@@ -253,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             ("steps", lambda left: step_timings(args.smoke, work)),
             ("cuda_graphs", lambda left: cuda_graphs(args.smoke, work)),
             ("e9b", lambda left: short_e9b(args.smoke, work)),
-            ("fused", lambda left: fused()),
+            ("fused", lambda left: fused(args.smoke, work)),
         ]
         for name, part in parts:
             if name not in chosen:

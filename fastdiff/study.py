@@ -11,6 +11,9 @@ unfinished ones: an interrupted study continues where it stopped. The default DI
 is named by a hash of the overrides and seeds, so the same command finds its runs.
 
     python -m fastdiff.study e9 data=digits train.total_steps=60 --seeds 2
+
+``--fused`` trains all of them in one process as one batched pass (fastdiff.fused);
+the run directories are the same.
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="study dir (default: runs/study/CARD-<hash of the command>)"
     )
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="train every arm and seed in one job, one batched pass (fastdiff.fused)",
+    )
     args = parser.parse_intermixed_args(argv)
 
     arms = STUDIES[args.card]
@@ -104,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         launch = [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
     print(f"study {args.card}: {len(arms)} arms x {len(args.seeds)} seeds in {root}", flush=True)
     failed = []
-    for seed in args.seeds:
+    if args.fused:
+        seeds = ",".join(map(str, args.seeds)) + ","
+        cmd = [*launch, "-m", "fastdiff.fused", args.card, *args.overrides]
+        cmd += ["--seeds", seeds, "--out", str(root)]
+        print("$", shlex.join(cmd), flush=True)
+        if subprocess.call(cmd) != 0:
+            failed.append("the fused job")
+    for seed in args.seeds if not args.fused else []:
         for arm in arms:
             run_dir = root / arm / f"seed{seed}"
             cmd = [

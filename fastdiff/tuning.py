@@ -19,6 +19,7 @@ backward 3.7 → 1.1 ms under bf16 autocast at batch 4).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -107,18 +108,36 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p and _SUPPLIED:
+            return x * next(_SUPPLIED[-1]).to(x.dtype)
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         return x * dropout_mask(x, self.p)
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """x-shaped tensor of 0 (probability ≈ p) and 1 / P(keep), from the default CPU
-    generator (so ``torch.manual_seed`` fixes it)."""
+_SUPPLIED: list = []  # iterators of masks, innermost last (supplied_masks)
+
+
+@contextlib.contextmanager
+def supplied_masks(masks):
+    """The Dropout layers take these masks, in forward order, instead of drawing their
+    own: several models run as one vmapped pass (fastdiff.fused) each get the masks
+    their standalone runs would draw."""
+    _SUPPLIED.append(iter(masks))
+    try:
+        yield
+    finally:
+        _SUPPLIED.pop()
+
+
+def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None):
+    """x-shaped tensor of 0 (probability ≈ p) and 1 / P(keep), from ``generator`` or the
+    default CPU generator (so ``torch.manual_seed`` fixes it)."""
     drop = round(p * 65536)  # uniform int16 u is dropped iff u < drop - 32768
     if drop >= 65536:
         return torch.zeros_like(x)
-    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    n = (x.numel() + 3) // 4
+    words = torch.randint(-(2**63), 2**63 - 1, (n,), dtype=torch.int64, generator=generator)
     u = words.view(torch.int16)[: x.numel()]
     # iid draws: lay them out with x's strides (NCHW or channels_last) so x * mask is dense
     u = u.as_strided(x.shape, x.stride()) if dense_layout(x) else u.view(x.shape)

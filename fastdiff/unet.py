@@ -112,9 +112,16 @@ class Attention(nn.Module):
         tokens = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, 3, C)
         q, k, v = tokens.unsqueeze(1).unbind(3)  # (B, 1, HW, C) each
         h = F.scaled_dot_product_attention(q, k, v).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        if not x.is_contiguous(memory_format=torch.channels_last):
+        if not _channels_last(x):
             h = h.contiguous()
         return x + self.proj(h)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    try:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    except RuntimeError:  # inside vmap (fastdiff.fused) layouts cannot be queried
+        return False
 
 
 class UNet(nn.Module):

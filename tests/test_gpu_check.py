@@ -29,7 +29,10 @@ def test_gpu_check_smoke_writes_every_asked_part(tmp_path):
         "val/fid_milestone/fid@20",
     ]
     assert all(math.isfinite(v) for v in e9b["fid"].values())
-    assert result["parts"]["fused"]["status"] == "not built"
+    fused = result["parts"]["fused"]
+    assert fused["status"] == "ok"
+    for k in ("K1", "K2"):
+        assert fused[k]["speedup"] == pytest.approx(fused[k]["sequential"] / fused[k]["fused"])
 
 
 def test_gpu_check_unknown_part_is_one_line(capsys):

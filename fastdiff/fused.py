@@ -1,0 +1,277 @@
+"""A study's arms and seeds trained together: K runs, one batched forward and backward.
+
+    python -m fastdiff.fused e9 [KEY=VALUE ...] [--seeds 2] [--out DIR]
+    python -m fastdiff.study e9 --seeds 2 --fused [KEY=VALUE ...]
+
+Each of the K arm-seeds is an ordinary :class:`~fastdiff.trainer.Trainer` with its own
+run directory, config, optimizer, EMA, checkpoints, probes, grids and FID, so
+``fastdiff.report``, ``fastdiff.eval``, ``fastdiff.curvature`` and ``train.resume``
+work on them unchanged, and ``train.on_nonfinite`` acts per run. Only the forward and
+backward pass is shared: the K models' weights are stacked, one ``torch.func.vmap``
+of the UNet runs all of them, and each model's gradient is handed to its own run's
+optimizer. Every run gets the batch, timesteps, noise and dropout masks its
+standalone run would draw (tested: the same per-step losses in fp32).
+
+Where it pays: launch-bound hardware (a GPU at the cards' batch 4). On a 2-core CPU
+the convolutions run no faster batched (docs/performance.md), so there it is slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch.func import functional_call, vmap
+
+from fastdiff.checkpoint import ARCHITECTURE
+from fastdiff.config import Config, ConfigError, compose, to_config
+from fastdiff.diffusion import eps_mse
+from fastdiff.seeding import step_draws, stream_seed
+from fastdiff.stopping import Stopped
+from fastdiff.tuning import Dropout, dropout_mask, supplied_masks
+from fastdiff.window import StepOut
+
+log = logging.getLogger("fastdiff")
+SHARED = ARCHITECTURE + [  # what the K runs must agree on to share one batched pass
+    "train.batch_size",
+    "train.amp",
+    "train.total_steps",
+    "model.dropout",
+    "model.kernels",
+    "diffusion.T",
+]
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_compatible(cfgs: list[Config]) -> None:
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        differ = [k for k in SHARED if _get(cfg, k) != _get(first, k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"fused runs must share {k} ({first.experiment}: {_get(first, k)}, "
+                f"{cfg.experiment}: {_get(cfg, k)}): run them separately"
+            )
+    if first.model.kernels != "torch":
+        raise ConfigError("fused runs need model.kernels=torch (the Triton ops have no vmap rule)")
+
+
+class FusedRuns:
+    def __init__(self, cfgs: list[Config]):
+        from fastdiff.stopping import Finished
+        from fastdiff.trainer import Trainer
+
+        check_compatible(cfgs)
+        self.trainers = []
+        for cfg in cfgs:
+            try:
+                self.trainers.append(Trainer(cfg))
+            except Finished as done:  # a rerun of a study: finished runs are left alone
+                log.info("%s", done)
+        if not self.trainers:
+            raise Finished(cfgs[0].train.total_steps, "every fused run is finished")
+        starts = {t.start_step for t in self.trainers}
+        if len(starts) > 1:
+            raise ConfigError(
+                f"the fused runs resume at different steps {sorted(starts)}: resume them "
+                "separately until they are level"
+            )
+        self.start_step = starts.pop()
+        first = self.trainers[0]
+        self.module = first.module  # the architecture, called with each run's weights
+        self.params = [(n, p) for n, p in first.module.named_parameters()]
+        self.masks = self._dropout_layout()
+        self.all = list(self.trainers)
+
+    def _dropout_layout(self) -> list[tuple]:
+        """(shape, stride, p) of every dropout input in forward order, from one forward
+        pass: the masks each run draws per step have exactly these layouts."""
+        t0 = self.trainers[0]
+        seen = []
+        hooks = [
+            m.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape, a[0].stride(), m.p)))
+            for m in self.module.modules()
+            if isinstance(m, Dropout) and m.p > 0
+        ]
+        B = t0.cfg.train.batch_size
+        x = torch.zeros(B, *t0.image_shape, device=t0.device)
+        if t0.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            with torch.no_grad(), t0.acc.autocast():
+                self.module(x, torch.zeros(B, dtype=torch.long, device=t0.device))
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    def _draw_masks(self, trainer, step: int) -> list[torch.Tensor]:
+        cfg, rank = trainer.cfg, trainer.acc.process_index
+        g = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
+        return [
+            dropout_mask(torch.empty_strided(shape, stride), p, g).to(trainer.device)
+            for shape, stride, p in self.masks
+        ]
+
+    def step(self, step: int, trainers=None) -> list[StepOut]:
+        """One step of every run (or of ``trainers``): their losses from one vmapped
+        forward and backward, then each run's own update (clip, skip-on-non-finite,
+        Adam) and EMA."""
+        ts = self.trainers if trainers is None else trainers
+        x_t, ts_, noises, masks = [], [], [], []
+        for tr in ts:
+            cfg, acc = tr.cfg, tr.acc
+            x0 = tr.batches.batch(step)
+            t, noise = step_draws(
+                cfg.train.seed,
+                step,
+                acc.process_index,
+                acc.num_processes,
+                x0.shape[0],
+                tr.image_shape,
+                cfg.diffusion.T,
+                tr.device,
+            )
+            x_t.append(tr.objective.noised(x0, t, noise))
+            ts_.append(t)
+            noises.append(noise)
+            masks.append(self._draw_masks(tr, step))
+        # The runs' weights side by side, (K, N), and each parameter a (K, ...) view of
+        # them made a leaf of its own: autograd then hands each parameter its gradient
+        # (an as_strided of one stacked leaf would allocate a (K, N) buffer per parameter).
+        stacked = torch.stack([tr.optimizer.flat.detach() for tr in ts])
+        n = stacked.shape[1]
+
+        def as_stacked(buffer, p):
+            return buffer.as_strided((len(ts), *p.shape), (n, *p.stride()), p.storage_offset())
+
+        views = {name: as_stacked(stacked, p).requires_grad_() for name, p in self.params}
+        masks_k = [torch.stack(layer) for layer in zip(*masks)] if self.masks else []
+
+        def one(params, x, t, layer_masks):
+            with supplied_masks(layer_masks):
+                return functional_call(self.module, params, (x, t))
+
+        with ts[0].acc.autocast():
+            eps = vmap(one)(views, torch.stack(x_t), torch.stack(ts_), masks_k)
+            per_sample = [
+                eps_mse(eps[k], noises[k], tr.objective.weight(ts_[k])) for k, tr in enumerate(ts)
+            ]
+        losses = [p.mean() for p in per_sample]
+        ts[0].acc.backward(torch.stack(losses).sum())
+        grad = torch.zeros_like(stacked)  # (the flat buffers' alignment gaps stay 0)
+        got = [(as_stacked(grad, p), views[name].grad) for name, p in self.params]
+        torch._foreach_copy_(
+            [g for g, v in got if v is not None], [v for _, v in got if v is not None]
+        )
+        if ts[0].acc.num_processes > 1:  # DDP's all-reduce, done here for the stacked grad
+            grad = ts[0].acc.reduce(grad, reduction="mean")
+        outs = []
+        for k, tr in enumerate(ts):
+            tr.optimizer.flat.grad.copy_(grad[k])
+            grad_norm, finite = tr.optimizer.update(losses[k])
+            tr.ema.update(tr.module)
+            ps = per_sample[k].detach()
+            mse = tr.objective.unweighted(ps, ts_[k])
+            outs.append(StepOut(losses[k].detach(), grad_norm, finite, ts_[k], ps, mse))
+        return outs
+
+    def train(self) -> list[dict | Stopped]:
+        """Every run to total_steps; a run that stops (divergence under
+        train.on_nonfinite=stop) leaves the others training. Returns each run's summary,
+        or the Stopped it ended with."""
+        live = list(self.trainers)
+        results: dict[int, dict | Stopped] = {}
+        for tr in live:
+            tr.begin()
+        signals = live[0].signals
+        for tr in live:
+            tr.signals = signals  # one handler for the process: every run stops on it
+        with signals.caught():
+            for step in range(self.start_step, live[0].cfg.train.total_steps):
+                if not live:
+                    break
+                outs = self.step(step, live)
+                for tr, out in zip(list(live), outs):
+                    try:
+                        tr.after_step(step, out)
+                    except Stopped as stop:
+                        live.remove(tr)
+                        results[id(tr)] = self._finish(tr, stop)
+        for tr in live:
+            results[id(tr)] = self._finish(tr, None)
+        return [results[id(tr)] for tr in self.all]
+
+    @staticmethod
+    def _finish(trainer, stop: Stopped | None):
+        try:
+            return trainer.finish(stop)
+        except Stopped as err:
+            return err
+
+
+def study_configs(card: str, overrides: list[str], seeds: list[int], root: Path) -> list[Config]:
+    from fastdiff.study import STUDIES
+
+    return [
+        to_config(
+            compose(
+                [
+                    f"experiment={arm}",
+                    *overrides,
+                    f"train.seed={seed}",
+                    f"train.run_dir={root / arm / f'seed{seed}'}",
+                    "train.resume=auto",
+                ]
+            )
+        )
+        for seed in seeds
+        for arm in STUDIES[card]
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastdiff.study import CARD_SEED, STUDIES, parse_seeds, study_dir
+    from fastdiff.train import apply_host_tuning
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.fused", description="Train a card's arms and seeds as one job."
+    )
+    parser.add_argument("card", choices=sorted(STUDIES))
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--seeds", type=parse_seeds, default=[CARD_SEED])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    root = args.out or study_dir(args.card, args.overrides, args.seeds)
+    try:
+        cfgs = study_configs(args.card, args.overrides, args.seeds, root)
+        apply_host_tuning(cfgs[0])
+        fused = FusedRuns(cfgs)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"fastdiff.fused: error: {err}", file=sys.stderr)
+        return 2
+    except Stopped as done:
+        print(f"fastdiff.fused: {done}", file=sys.stderr)
+        return done.exit_code
+    results = fused.train()
+    stopped = [r for r in results if isinstance(r, Stopped)]
+    for r in stopped:
+        print(f"fastdiff.fused: {r}", file=sys.stderr)
+    return max((r.exit_code for r in stopped), default=0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

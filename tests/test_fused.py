@@ -1,0 +1,144 @@
+"""Fused runs: K arm-seeds from one vmapped forward and backward, each exactly its
+standalone run (same batches, timesteps, noise, dropout masks and init)."""
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.config import ConfigError, compose, to_config
+from fastdiff.fused import FusedRuns, check_compatible
+from fastdiff.trainer import training_loop
+from tests.conftest import tiny
+
+STEPS = 20
+
+
+def arm(tmp_path, name, experiment, seed, *extra):
+    overrides = tiny(
+        tmp_path,
+        f"experiment={experiment}",
+        f"train.seed={seed}",
+        "train.amp=false",  # fp32: the batched convolutions agree to rounding
+        f"train.total_steps={STEPS}",
+        "optim.lr=1e-3",  # weights that move: the masks and weights show in the losses
+        "train.log_every=1",
+        f"train.ckpt_every={STEPS}",
+        "curvature.enabled=false",
+        f"train.run_dir={tmp_path / name}",
+        *extra,
+    )
+    return to_config(compose(overrides))
+
+
+def losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.parametrize("seeds", [(1077,), (1077, 2077)])
+def test_fused_runs_match_their_standalone_runs(tmp_path, seeds):
+    """K = 2 (e9a, e9b) and K = 4 (both arms for two seeds): every run's per-step loss
+    over 20 steps within 1e-4 relative of the same run trained alone, dropout on."""
+    names = [(f"{e}-{s}", e, s) for s in seeds for e in ("e9a", "e9b")]
+    fused = FusedRuns([arm(tmp_path / "fused", n, e, s) for n, e, s in names])
+    results = fused.train()
+    assert all(r["step"] == STEPS for r in results)
+    for n, e, s in names:
+        training_loop(arm(tmp_path / "alone", n, e, s))
+        together, alone = losses(tmp_path / "fused" / n), losses(tmp_path / "alone" / n)
+        assert len(together) == len(alone) == STEPS
+        assert together == pytest.approx(alone, rel=1e-4), n
+    # the arms of a seed differ (their weightings), the seeds differ (their data)
+    first = {n: losses(tmp_path / "fused" / n) for n, _, _ in names}
+    assert first[names[0][0]] != first[names[1][0]]
+    if len(seeds) > 1:
+        assert first[names[0][0]] != first[names[2][0]]
+
+
+def test_runs_that_cannot_share_a_pass_are_one_line(tmp_path):
+    a = arm(tmp_path, "a", "e9a", 1077)
+    b = arm(tmp_path, "b", "e9b", 1077, "train.batch_size=8")
+    with pytest.raises(ConfigError, match="must share train.batch_size"):
+        check_compatible([a, b])
+
+
+def test_a_diverging_run_stops_alone(tmp_path, monkeypatch):
+    """train.on_nonfinite=stop ends the run that went non-finite; the other trains on."""
+    import fastdiff.fused as fused_mod
+
+    real = fused_mod.eps_mse
+    calls = []
+
+    def poisoned(eps, noise, weight):
+        # a step calls it for e9a, then e9b: e9b's 3rd and 4th steps are NaN; at the log
+        # after its 4th step e9b stops, and e9a alone calls it from then on
+        calls.append(1)
+        out = real(eps, noise, weight)
+        return out * float("nan") if len(calls) in (6, 8) else out
+
+    monkeypatch.setattr(fused_mod, "eps_mse", poisoned)
+    runs = FusedRuns(
+        [
+            arm(tmp_path, "a", "e9a", 1077, "train.log_every=2"),
+            arm(tmp_path, "b", "e9b", 1077, "train.log_every=2"),
+        ]
+    )
+    a, b = runs.train()
+    assert a["step"] == STEPS and not a["diverged"]
+    assert b.exit_code != 0 and b.step == 3
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["diverged"] and summary["step"] == 3
+    assert torch.isfinite(torch.tensor(losses(tmp_path / "a"))).all()
+
+
+def test_each_run_gets_the_dropout_masks_its_standalone_step_draws(tmp_path):
+    """The masks handed to the vmapped pass are the ones the run's own Dropout layers
+    draw in a standalone step (seeded by its dropout stream), layer by layer."""
+    from fastdiff.seeding import stream_seed
+    from fastdiff.tuning import Dropout
+
+    runs = FusedRuns([arm(tmp_path, "a", "e9a", 1077), arm(tmp_path, "b", "e9b", 2077)])
+    assert len(runs.masks) == 11  # one per ResBlock of unet_tiny
+    for tr in runs.trainers:
+        drawn = []
+        hooks = [
+            m.register_forward_hook(lambda m, a, out, drawn=drawn: drawn.append(out / a[0]))
+            for m in tr.module.modules()
+            if isinstance(m, Dropout)
+        ]
+        x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last) + 10
+        torch.manual_seed(stream_seed(tr.cfg.train.seed, "dropout", 7, 0))
+        with torch.no_grad():
+            tr.module(x, torch.full((4,), 500))
+        for h in hooks:
+            h.remove()
+        supplied = runs._draw_masks(tr, 7)
+        assert len(drawn) == len(supplied) == 11
+        for d, s in zip(drawn, supplied, strict=True):
+            finite = torch.isfinite(d)  # (0/0 where an input is exactly 0)
+            torch.testing.assert_close(d[finite], s[finite])
+
+
+@pytest.mark.slow
+def test_study_fused_writes_the_same_run_directories_and_reruns_as_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    overrides = [o for o in tiny(tmp_path) if not o.startswith("train.runs_root")]
+    cmd = [sys.executable, "-m", "fastdiff.study", "e9", *overrides, "curvature.enabled=false"]
+    cmd += ["--seeds", "2", "--fused", "--launch", sys.executable, "--out", str(tmp_path / "s")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    root = tmp_path / "s"
+    runs = sorted(str(p.parent.relative_to(root)) for p in root.glob("*/seed*/summary.json"))
+    assert runs == ["e9a/seed1077", "e9a/seed2077", "e9b/seed1077", "e9b/seed2077"]
+    for p in root.glob("*/seed*/summary.json"):
+        assert json.loads(p.read_text())["step"] == 6
+        assert (p.parent / "checkpoints" / "step_0000006.pt").exists()
+    assert (root / "report" / "report.json").exists()
+    before = {p: p.read_bytes() for p in root.glob("*/seed*/summary.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in before} == before
