@@ -142,3 +142,65 @@ def test_study_fused_writes_the_same_run_directories_and_reruns_as_nothing(tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stdout + again.stderr
     assert {p: p.read_bytes() for p in before} == before
+
+
+def _final_weights(run_dir, step):
+    path = run_dir / "checkpoints" / f"step_{step:07d}.pt"
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_a_fused_job_resumes_exactly(tmp_path):
+    """Stopped after 3 steps and resumed (each run from its own checkpoint), a fused
+    job ends with the weights of one that ran straight through."""
+    extra = ("train.total_steps=6", "train.ckpt_every=3", "optim.lr=1e-3")
+
+    def job(root, *more):
+        return FusedRuns(
+            [arm(root, n, e, 1077, *extra, *more) for n, e in (("a", "e9a"), ("b", "e9b"))]
+        ).train()
+
+    job(tmp_path / "straight")
+    job(tmp_path / "stopped", "train.total_steps=3")
+    job(tmp_path / "stopped", "train.resume=auto")
+    for name in ("a", "b"):
+        summary = json.loads((tmp_path / "stopped" / name / "summary.json").read_text())
+        assert [g["start_step"] for g in summary["segments"]] == [0, 3]  # resumed, not redone
+        a = _final_weights(tmp_path / "straight" / name, 6)
+        b = _final_weights(tmp_path / "stopped" / name, 6)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_fused_match_one(tmp_path):
+    """Under torchrun, each rank holds its slice of every run's global batch, and the
+    stacked gradient is averaged over the ranks: the weights of one process at the
+    same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    common = [o for o in tiny(tmp_path) if not o.startswith(("train.batch_size", "train.runs"))]
+    common += [
+        "model.dropout=0",
+        "train.amp=false",
+        "train.total_steps=4",
+        "curvature.enabled=false",
+    ]
+
+    def fused(out, batch, processes):
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        launcher += ["--master_port", "29533"] if processes > 1 else []
+        cmd = [sys.executable, *(launcher if processes > 1 else []), "-m", "fastdiff.fused"]
+        cmd += ["e9", *common, f"train.batch_size={batch}", "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    fused(tmp_path / "two", 2, 2)
+    fused(tmp_path / "one", 4, 1)
+    for arm_name in ("e9a", "e9b"):
+        a = _final_weights(tmp_path / "two" / arm_name / "seed1077", 4)
+        b = _final_weights(tmp_path / "one" / arm_name / "seed1077", 4)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
