@@ -28,7 +28,6 @@ from torch.func import functional_call, vmap
 
 from fastdiff.checkpoint import ARCHITECTURE
 from fastdiff.config import Config, ConfigError, compose, to_config
-from fastdiff.diffusion import eps_mse
 from fastdiff.seeding import step_draws, stream_seed
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, dropout_mask, supplied_masks
@@ -165,7 +164,7 @@ class FusedRuns:
         with ts[0].acc.autocast():
             eps = vmap(one)(views, torch.stack(x_t), torch.stack(ts_), masks_k)
             per_sample = [
-                eps_mse(eps[k], noises[k], tr.objective.weight(ts_[k])) for k, tr in enumerate(ts)
+                tr.objective.of_prediction(eps[k], noises[k], ts_[k]) for k, tr in enumerate(ts)
             ]
         losses = [p.mean() for p in per_sample]
         ts[0].acc.backward(torch.stack(losses).sum())

@@ -66,6 +66,11 @@ class Objective:
             return weighted_mse(eps, noise, t, self.alphas_cumprod, self.gamma, self.weighting)
         return eps_loss(model, x0, t, noise, self.alphas_cumprod, self.weights)
 
+    def of_prediction(self, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """The per-sample loss (B,) of a prediction made elsewhere (fastdiff.fused runs
+        several models in one vmapped pass), with this run's weights."""
+        return eps_mse(eps, noise, self.weight(t))
+
     @staticmethod
     def of_noised(model, x_t, t, noise, weight) -> torch.Tensor:
         """The per-sample loss at given x_t and weights: what the curvature probe

@@ -65,9 +65,9 @@ def test_runs_that_cannot_share_a_pass_are_one_line(tmp_path):
 
 def test_a_diverging_run_stops_alone(tmp_path, monkeypatch):
     """train.on_nonfinite=stop ends the run that went non-finite; the other trains on."""
-    import fastdiff.fused as fused_mod
+    import fastdiff.objective as objective_mod
 
-    real = fused_mod.eps_mse
+    real = objective_mod.eps_mse
     calls = []
 
     def poisoned(eps, noise, weight):
@@ -77,7 +77,7 @@ def test_a_diverging_run_stops_alone(tmp_path, monkeypatch):
         out = real(eps, noise, weight)
         return out * float("nan") if len(calls) in (6, 8) else out
 
-    monkeypatch.setattr(fused_mod, "eps_mse", poisoned)
+    monkeypatch.setattr(objective_mod, "eps_mse", poisoned)
     runs = FusedRuns(
         [
             arm(tmp_path, "a", "e9a", 1077, "train.log_every=2"),
