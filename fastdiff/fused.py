@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch.func import functional_call, vmap
 
-from fastdiff.checkpoint import ARCHITECTURE
+from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
-from fastdiff.seeding import step_draws, stream_seed
+from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, dropout_mask, supplied_masks
 from fastdiff.window import StepOut
@@ -44,22 +44,14 @@ SHARED = ARCHITECTURE + [  # what the K runs must agree on to share one batched 
 ]
 
 
-def _get(cfg: Config, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def check_compatible(cfgs: list[Config]) -> None:
     first = cfgs[0]
     for cfg in cfgs[1:]:
-        differ = [k for k in SHARED if _get(cfg, k) != _get(first, k)]
+        differ = changed_settings(first, cfg, SHARED)
         if differ:
-            k = differ[0]
             raise ConfigError(
-                f"fused runs must share {k} ({first.experiment}: {_get(first, k)}, "
-                f"{cfg.experiment}: {_get(cfg, k)}): run them separately"
+                f"fused runs must share {differ[0]} in {cfg.experiment} against "
+                f"{first.experiment}: run them separately"
             )
     if first.model.kernels != "torch":
         raise ConfigError("fused runs need model.kernels=torch (the Triton ops have no vmap rule)")
@@ -129,18 +121,7 @@ class FusedRuns:
         ts = self.trainers if trainers is None else trainers
         x_t, ts_, noises, masks = [], [], [], []
         for tr in ts:
-            cfg, acc = tr.cfg, tr.acc
-            x0 = tr.batches.batch(step)
-            t, noise = step_draws(
-                cfg.train.seed,
-                step,
-                acc.process_index,
-                acc.num_processes,
-                x0.shape[0],
-                tr.image_shape,
-                cfg.diffusion.T,
-                tr.device,
-            )
+            x0, t, noise = tr.draws(step)
             x_t.append(tr.objective.noised(x0, t, noise))
             ts_.append(t)
             noises.append(noise)

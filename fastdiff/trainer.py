@@ -158,13 +158,17 @@ class Trainer:
         return self.cfg.curvature.every or self.cfg.train.log_every
 
     # ------------------------------------------------------------------- step
-    def train_step(self, step: int) -> StepOut:
-        """One optimizer step; a non-finite loss or gradient skips the update on the device."""
+    def draws(self, step: int):
+        """This rank's images (B, C, H, W), timesteps (B,) and noise for ``step``."""
         cfg, rank, world = self.cfg, self.acc.process_index, self.acc.num_processes
         x0 = self.batches.batch(step)
         args = (x0.shape[0], self.image_shape, cfg.diffusion.T, self.device)
-        t, noise = step_draws(cfg.train.seed, step, rank, world, *args)
-        torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
+        return x0, *step_draws(cfg.train.seed, step, rank, world, *args)
+
+    def train_step(self, step: int) -> StepOut:
+        """One optimizer step; a non-finite loss or gradient skips the update on the device."""
+        x0, t, noise = self.draws(step)
+        torch.manual_seed(stream_seed(self.cfg.train.seed, "dropout", step, self.acc.process_index))
         with self.acc.autocast():
             per_sample = self.loss(self.model, x0, t, noise)
         loss = per_sample.mean()
