@@ -158,6 +158,37 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(cifar, tmp_p
     assert any("skipping unreadable data" in str(w.message) for w in caught)
 
 
+def test_every_shard_unreadable_stops_with_one_clear_error(cifar, tmp_path):
+    """Resampled shards never run out: with none readable the stream must stop, not
+    spin on skips forever."""
+    _, out, *_ = cifar
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    for shard in bad.glob("*.tar"):
+        shard.write_bytes(b"not a tar file" * 100)
+    import signal
+
+    class Spinning(BaseException):  # not an Exception: the reader's skip handler lets it by
+        pass
+
+    def spinning(signum, frame):
+        raise Spinning("still skipping unreadable shards after 30 s")
+
+    b = StreamBatches(bad, 5, seed=0, hflip=False, workers=0, shuffle_buffer=10)
+    old = signal.signal(signal.SIGALRM, spinning)
+    signal.alarm(30)  # a regression spins forever: fail it instead of hanging the suite
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="no readable shard among .* re-run"):
+                b.batch(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_missing_manifest_and_too_few_shards(cifar, tmp_path):
     _, out, *_ = cifar
     with pytest.raises(FileNotFoundError, match="fastdiff.data.prepare"):
