@@ -261,6 +261,7 @@ class Trainer:
     def finish(self, stop: Stopped | None) -> dict:
         """summary.json (and the report); re-raises ``stop`` once they are written."""
         self.bar.close()
+        self.batches.close()
         summary = self._summary(stop_status(stop))
         self.metrics.close()
         if self.main:

@@ -18,6 +18,9 @@ from fastdiff.seeding import stream_generator
 class DeviceBatches:
     skipped = 0  # in-memory data has nothing to skip
 
+    def close(self) -> None:
+        """(Nothing to stop: the batches are slices of one tensor.)"""
+
     def __init__(
         self,
         images: torch.Tensor,
