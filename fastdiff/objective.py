@@ -44,13 +44,15 @@ class Objective:
     def of(cls, cfg, device) -> Objective:
         schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
         weights = schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma)
-        return cls(
+        objective = cls(
             schedule.alphas_cumprod.to(device),
             weights.to(device),
             cfg.loss.weighting,
             cfg.loss.minsnr_gamma,
             fused=cfg.model.kernels == "triton",
         )
+        objective.schedule = schedule  # the samplers' (float64, on the host)
+        return objective
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return q_sample(x0, t, noise, self.alphas_cumprod)

@@ -23,7 +23,6 @@ from fastdiff import checkpoint as ckpt
 from fastdiff.config import Config, flat
 from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
-from fastdiff.diffusion import Schedule
 from fastdiff.ema import EMA
 from fastdiff.fid import build_evaluator
 from fastdiff.flat import backs
@@ -69,8 +68,8 @@ class Trainer:
         explicit = cfg.eval.fid.enabled is True
         no_fid = cfg.eval.fid.enabled is False
         self.fid = None if no_fid else build_evaluator(cfg, self.batches, self.device, explicit)
-        self.schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
         self.objective = Objective.of(cfg, self.device)
+        self.schedule = self.objective.schedule
         self._build_model()
         self.run_dir = self._run_dir()
         self._start_record()
