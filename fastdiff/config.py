@@ -117,14 +117,15 @@ class SamplingConfig:
 
 @dataclass
 class FIDConfig:
-    # None = auto: on when the Inception weights are at hand (weights_path or the torch hub
-    # cache), else off with one warning. true = required: fail at start-up without them.
+    # None = auto: on when the chosen extractor is at hand (below) and, on a CPU, its
+    # sampling costs no more than the training; else off with one warning.
+    # true = required: fail at start-up without it. false = off.
     enabled: bool | None = None
-    # "inception" (FID proper) or "digits" (an FD on a small CNN trained on the embedded
-    # digits, fastdiff.digits_fd: no download; the quickstart's). Opt-in, not automatic
-    # for data=digits: a card experiment would sample its 10k images with unet_cifar32,
-    # over an hour per run on a CPU.
-    extractor: str = "inception"
+    # "inception" (FID proper), "digits" (an FD on a small CNN trained on the embedded
+    # digits, fastdiff.digits_fd: no download) or "auto": Inception when its weights are at
+    # hand, else digits for data=digits. In auto mode (enabled: None) a CPU run also leaves
+    # FID off, with one line, when its sampling would cost more than its training.
+    extractor: str = "auto"
     weights_path: str | None = None
     stats_path: str | None = None  # precomputed reference statistics (.npz with mu, sigma)
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/fastdiff/fid)
@@ -585,8 +586,8 @@ def _check_eval(cfg: Config) -> None:
     )
     fid = cfg.eval.fid
     need(
-        fid.extractor in ("inception", "digits"),
-        f"eval.fid.extractor must be inception or digits, got {fid.extractor!r}",
+        fid.extractor in ("auto", "inception", "digits"),
+        f"eval.fid.extractor must be auto, inception or digits, got {fid.extractor!r}",
     )
     need(
         fid.extractor != "digits" or cfg.data.name == "digits",
@@ -607,10 +608,10 @@ def _check_eval(cfg: Config) -> None:
             f"eval.fid.stats_path={fid.stats_path} does not exist: pass an .npz "
             "with mu and sigma, or leave it unset to use the training set",
         )
-        from fastdiff.fid import read_stats_file
+        from fastdiff.fid import chosen_extractor, read_stats_file
 
         try:
-            if fid.extractor == "digits":
+            if chosen_extractor(fid, cfg.data.name) == "digits":
                 from fastdiff import digits_fd
 
                 read_stats_file(fid.stats_path, digits_fd.DIM, digits_fd.NAME)

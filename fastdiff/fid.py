@@ -138,6 +138,45 @@ def hub_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_NAME
 
 
+def chosen_extractor(fid_cfg, data_name: str) -> str:
+    """``eval.fid.extractor``, with "auto" resolved: Inception whenever its weights are at
+    hand (given, or in the torch hub cache), else the digits' own extractor for
+    ``data=digits`` (never a download), else Inception (which auto mode then leaves off)."""
+    if fid_cfg.extractor != "auto":
+        return fid_cfg.extractor
+    if fid_cfg.weights_path or hub_weights_path().is_file():
+        return "inception"
+    return "digits" if data_name == "digits" else "inception"
+
+
+def sampling_cost(cfg) -> tuple[int, int]:
+    """(UNet evaluations of the run's FID sampling, its training in the same units).
+
+    FID sampling is (milestones x milestone_samples + final_samples) x NFE forward passes;
+    a training step is about three (forward, and a backward of twice its cost) per image."""
+    ev, train = cfg.eval, cfg.train
+    milestones = train.total_steps // ev.milestone_every
+    sampling = (milestones * ev.milestone_samples + ev.final_samples) * ev.nfe
+    return sampling, 3 * train.total_steps * train.batch_size
+
+
+def too_costly(cfg, cuda: bool) -> str | None:
+    """Why auto mode leaves FID off on a CPU: its sampling would cost more than the
+    training itself (a 60-step smoke run of a card would otherwise sample 10,000 images
+    at NFE 50, hours here). None: affordable, or on a GPU."""
+    sampling, training = sampling_cost(cfg)
+    if cuda or sampling <= training:
+        return None
+    ev = cfg.eval
+    return (
+        f"its sampling ({sampling:,} UNet evaluations: "
+        f"{cfg.train.total_steps // ev.milestone_every} milestones x {ev.milestone_samples:,}"
+        f" + {ev.final_samples:,} final, x NFE {ev.nfe}) would be {sampling / training:.0f}x "
+        f"this run's training on a CPU; eval.fid.enabled=true computes it anyway, or lower "
+        "eval.milestone_samples / eval.final_samples"
+    )
+
+
 def resolve_weights(weights_path: str | None, download: bool = True) -> Path:
     """eval.fid.weights_path, else the torch hub cache, else a download into that cache."""
     if weights_path:
@@ -384,7 +423,11 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
     from fastdiff.data import DeviceBatches, ShardImages, is_sharded
 
     fid_cfg = cfg.eval.fid
-    extractor = fid_cfg.extractor
+    extractor = chosen_extractor(fid_cfg, cfg.data.name)
+    costly = None if explicit else too_costly(cfg, torch.device(device).type == "cuda")
+    if costly:
+        log.warning("FID off: %s", costly)
+        return None
     if extractor == "digits":
         from fastdiff import digits_fd
 

@@ -210,7 +210,8 @@ def test_asking_for_fid_without_weights_fails_before_any_work(tmp_path, monkeypa
     monkeypatch.setattr(
         torch.hub, "download_url_to_file", mock.Mock(side_effect=OSError("offline"))
     )
-    assert main([*tiny(tmp_path / "runs"), "eval.fid.enabled=true"]) == 2
+    asked = ["eval.fid.enabled=true", "eval.fid.extractor=inception"]
+    assert main([*tiny(tmp_path / "runs"), *asked]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "eval.fid.weights_path" in err
     assert not (tmp_path / "runs").exists()
@@ -219,7 +220,7 @@ def test_asking_for_fid_without_weights_fails_before_any_work(tmp_path, monkeypa
 def test_auto_mode_without_weights_trains_and_says_fid_is_off(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     overrides = [o for o in tiny(tmp_path) if not o.startswith("eval.fid")]
-    cfg = to_config(compose(overrides))
+    cfg = to_config(compose([*overrides, "eval.fid.extractor=inception"]))
     assert cfg.eval.fid.enabled is None
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         # auto mode never downloads: it only looks at the path and the hub cache
@@ -290,9 +291,10 @@ def test_a_bad_statistics_file_is_one_line_at_start_up(tmp_path, make, message, 
 
     stats = tmp_path / "stats.npz"
     make(stats)
+    given = [f"eval.fid.stats_path={stats}", "eval.fid.extractor=inception"]
     with pytest.raises(ConfigError, match=message):
-        to_config(compose(tiny(tmp_path, f"eval.fid.stats_path={stats}")))
-    assert main(tiny(tmp_path / "runs", f"eval.fid.stats_path={stats}")) == 2
+        to_config(compose(tiny(tmp_path, *given)))
+    assert main(tiny(tmp_path / "runs", *given)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(stats) in err[0]
     assert not (tmp_path / "runs").exists()
@@ -303,7 +305,8 @@ def test_the_standard_stats_layouts_are_accepted(tmp_path):
     for save in (np.savez, np.savez_compressed):
         stats = tmp_path / f"{save.__name__}.npz"
         save(stats, mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32))
-        cfg = to_config(compose(tiny(tmp_path, f"eval.fid.stats_path={stats}")))
+        given = [f"eval.fid.stats_path={stats}", "eval.fid.extractor=inception"]
+        cfg = to_config(compose(tiny(tmp_path, *given)))
         assert cfg.eval.fid.stats_path == str(stats)
 
 
@@ -369,7 +372,6 @@ def test_digits_extractor_scores_fd_without_inception_weights(
         compose(
             [
                 *overrides,
-                "eval.fid.extractor=digits",
                 f"eval.fid.cache_dir={tmp_path / 'cache'}",
                 "eval.milestone_every=3",
                 "eval.milestone_samples=8",
@@ -379,7 +381,9 @@ def test_digits_extractor_scores_fd_without_inception_weights(
             ]
         )
     )
-    assert cfg.eval.fid.enabled is None  # auto: on, as the extractor is always at hand
+    # auto: no Inception weights, data=digits -> the digits extractor, and on, as its
+    # sampling (2 milestones x 8 + 8, x NFE 2 = 48 evaluations) costs less than training (72)
+    assert cfg.eval.fid.enabled is None and cfg.eval.fid.extractor == "auto"
     from fastdiff import digits_fd
 
     with mock.patch.object(digits_fd, "default_path", lambda: digits_weights):
@@ -391,6 +395,59 @@ def test_digits_extractor_scores_fd_without_inception_weights(
     assert final["eval/final/fid"] > 0 and final["eval/final/fid_lo"] < final["eval/final/fid_hi"]
     provenance = json.loads((run_dir / "summary.json").read_text())["fid_provenance"]
     assert provenance["extractor"] == "fastdiff-digits"
+
+
+def test_auto_extractor_prefers_inception_weights_at_hand(tmp_path, monkeypatch):
+    from fastdiff.fid import chosen_extractor, hub_weights_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    fid = to_config(compose(tiny(tmp_path))).eval.fid
+    assert fid.extractor == "auto"
+    assert chosen_extractor(fid, "digits") == "digits"
+    assert chosen_extractor(fid, "cifar10") == "inception"  # which auto then leaves off
+    hub_weights_path().parent.mkdir(parents=True)
+    hub_weights_path().write_bytes(b"weights")
+    assert chosen_extractor(fid, "digits") == "inception"
+    fid.extractor = "digits"  # an explicit choice is kept
+    assert chosen_extractor(fid, "digits") == "digits"
+
+
+def test_sampling_cost_counts_milestones_final_and_training():
+    from fastdiff.fid import sampling_cost
+
+    cfg = to_config(compose(["experiment=e9b", "data=digits", "train.total_steps=60"]))
+    # no milestone in 60 steps; 10,000 final samples at NFE 50; 60 steps x batch 4 x 3
+    assert sampling_cost(cfg) == (10_000 * 50, 60 * 4 * 3)
+    cfg = to_config(compose(["experiment=quickstart"]))
+    # milestones at 500, 1000, 1500, 2000 of 250 samples, 500 final, NFE 50; 2000 x 32 x 3
+    assert sampling_cost(cfg) == ((4 * 250 + 500) * 50, 2000 * 32 * 3)
+
+
+def test_auto_mode_leaves_a_costly_fid_off_on_cpu_with_one_line(tmp_path, monkeypatch, caplog):
+    """A card's 60-step smoke run on digits: its FID would sample 10,000 images at NFE 50,
+    694x the training. Auto mode says so once and trains on; enabled=true still asks."""
+    from fastdiff import digits_fd
+    from fastdiff.data import make_batches
+    from fastdiff.fid import build_evaluator
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    cfg = to_config(compose(["experiment=e9b", "data=digits", "train.total_steps=60"]))
+    batches = make_batches(cfg.data, 4, 0, 0, 1, "cpu")
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        with mock.patch.object(digits_fd, "ensure_weights", side_effect=AssertionError):
+            assert build_evaluator(cfg, batches, "cpu", explicit=False) is None
+    (line,) = [r.getMessage() for r in caplog.records if "FID off" in r.getMessage()]
+    assert "500,000 UNet evaluations" in line and "694x" in line
+    assert "eval.fid.enabled=true" in line
+    # on a GPU, or asked for, it is computed
+    from fastdiff.fid import too_costly
+
+    assert too_costly(cfg, cuda=True) is None
+    weights = tmp_path / "digits.pt"
+    with mock.patch.object(digits_fd, "ensure_weights", return_value=weights):
+        with mock.patch("fastdiff.fid.FIDEvaluator") as evaluator:
+            assert build_evaluator(cfg, batches, "cpu", explicit=True) is evaluator.return_value
+    assert evaluator.call_args.kwargs["extractor"] == "digits"
 
 
 def test_digits_fd_falls_over_a_shortened_quickstart(tmp_path):
