@@ -218,35 +218,47 @@ def short_e9b(smoke: bool, work: Path) -> dict:
     }
 
 
+def per_step(step, steps: int) -> float:
+    """Seconds per call of ``step(s)`` after one warm-up call."""
+    step(0)[-1].loss.item()
+    sync()
+    t0 = time.perf_counter()
+    for s in range(1, 1 + steps):
+        outs = step(s)
+    outs[-1].loss.item()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
 def fused(smoke: bool, work: Path) -> dict:
     """The fused K-arm step (fastdiff.fused) at K = 1, 2, 4, 8 against K sequential
-    steps of the same runs, batch 4, AMP."""
+    steps of the same runs, batch 4, AMP; on CUDA also the fit check's memory estimate
+    against the fused step's peak."""
     from benches.test_bench_fused import k_run_configs
-    from fastdiff.fused import FusedRuns
+    from fastdiff.fused import FusedRuns, run_bytes
     from fastdiff.trainer import Trainer
 
     out = {}
     steps = 2 if smoke else 10
+    cuda = torch.cuda.is_available()
     for k in (1, 2) if smoke else (1, 2, 4, 8):
         fresh_trainer_state()
         cfgs = k_run_configs(k, "amp", work / f"fused{k}", smoke)
         runs = FusedRuns(cfgs)
+        row = {}
+        if cuda:
+            state, fixed, per_sample = run_bytes(cfgs[0], runs.trainers[0].device)
+            batch = cfgs[0].train.batch_size
+            row["estimate_gib"] = k * (state + fixed + per_sample * batch) / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        row["fused"] = per_step(runs.step, steps)
+        if cuda:
+            row["fused_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        del runs
         fresh_trainer_state()
         trainers = [Trainer(c) for c in k_run_configs(k, "amp", work / f"seq{k}", smoke)]
-        timing = {}
-        for name, step in (
-            ("fused", runs.step),
-            ("sequential", lambda s, ts=trainers: [t.train_step(s) for t in ts]),
-        ):
-            step(0)[-1].loss.item()
-            sync()
-            t0 = time.perf_counter()
-            for s in range(1, 1 + steps):
-                outs = step(s)
-            outs[-1].loss.item()
-            sync()
-            timing[name] = (time.perf_counter() - t0) / steps
-        out[f"K{k}"] = timing | {"speedup": timing["sequential"] / timing["fused"]}
+        row["sequential"] = per_step(lambda s, ts=trainers: [t.train_step(s) for t in ts], steps)
+        out[f"K{k}"] = row | {"speedup": row["sequential"] / row["fused"]}
     return {"status": "ok", **out}
 
 

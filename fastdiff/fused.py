@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
 from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
-from fastdiff.tuning import Dropout, dropout_mask, supplied_masks
+from fastdiff.tuning import Dropout, amp_precision, dropout_mask, supplied_masks
+from fastdiff.unet import build_model
 from fastdiff.window import StepOut
 
 log = logging.getLogger("fastdiff")
@@ -42,6 +44,80 @@ SHARED = ARCHITECTURE + [  # what the K runs must agree on to share one batched 
     "model.kernels",
     "diffusion.T",
 ]
+
+
+# Bytes per parameter per run: its weights, gradient, Adam's two moments and EMA, plus
+# the fused step's stacked weights, per-parameter gradient views and stacked gradient.
+STATE_BYTES = 4 * 5 + 4 * 3
+HEADROOM = 0.9  # of the free memory: the allocator's slack and the backward's transients
+
+
+def saved_bytes(cfg: Config, batch: int, device: torch.device) -> int:
+    """Bytes autograd keeps for the backward of one model's forward pass at ``batch``
+    (saved-tensor hooks on a fresh model; each storage once, parameters excluded)."""
+    m = cfg.model
+    model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
+    model = model.to(device)
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    size = cfg.data.image_size
+    precision = amp_precision(cfg.train.amp, device.type == "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    x = torch.zeros(batch, 3, size, size, device=device)
+    t = torch.zeros(batch, dtype=torch.long, device=device)
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x),
+        torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+    ):
+        model(x, t)
+    return sum(seen.values())
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+def run_bytes(cfg: Config, device: torch.device) -> tuple[int, int, int]:
+    """One fused run's memory as (state, fixed, per-sample): the state is STATE_BYTES
+    per parameter; the activations are measured at batch 1 and 2 as fixed + per-sample."""
+    m = cfg.model
+    model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
+    state = STATE_BYTES * sum(p.numel() for p in model.parameters())
+    one, two = saved_bytes(cfg, 1, device), saved_bytes(cfg, 2, device)
+    return state, 2 * one - two, two - one
+
+
+def check_fits(cfgs: list[Config], device: torch.device) -> None:
+    """A fused job that cannot fit stops before any run is set up, with one line naming
+    the K and batch it tried and what would fit."""
+    k, batch = len(cfgs), cfgs[0].train.batch_size
+    state, fixed, per_sample = run_bytes(cfgs[0], device)
+    per_run = state + fixed + per_sample * batch
+    budget = HEADROOM * free_bytes(device)
+    if k * per_run <= budget:
+        return
+    gib = 2**30
+    fits_k = int(budget // per_run)
+    fits_batch = int((budget / k - state - fixed) // per_sample) if per_sample else 0
+    options = [f"K={fits_k} at batch {batch}"] if fits_k else []
+    options += [f"batch {fits_batch} at K={k}"] if fits_batch else []
+    raise ConfigError(
+        f"a fused job of K={k} runs at batch {batch} needs about {k * per_run / gib:.1f} GiB, "
+        f"and {budget / gib:.1f} GiB of {device.type} memory is free: "
+        + (" or ".join(options) + " would fit" if options else "not one run fits")
+        + "; run fewer seeds per job (--seeds) or the runs unfused"
+    )
 
 
 def check_compatible(cfgs: list[Config]) -> None:
@@ -63,6 +139,7 @@ class FusedRuns:
         from fastdiff.trainer import Trainer
 
         check_compatible(cfgs)
+        check_fits(cfgs, self.device_of(cfgs[0]))
         self.trainers = []
         for cfg in cfgs:
             try:
@@ -83,6 +160,13 @@ class FusedRuns:
         self.params = [(n, p) for n, p in first.module.named_parameters()]
         self.masks = self._dropout_layout()
         self.all = list(self.trainers)
+
+    @staticmethod
+    def device_of(cfg: Config) -> torch.device:
+        """The device each run's Accelerator will pick (see Trainer._accelerator)."""
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     def _dropout_layout(self) -> list[tuple]:
         """(shape, stride, p) of every dropout input in forward order, from one forward

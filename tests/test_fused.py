@@ -54,6 +54,18 @@ def test_fused_runs_match_their_standalone_runs(tmp_path, seeds):
     assert first[names[0][0]] != first[names[1][0]]
     if len(seeds) > 1:
         assert first[names[0][0]] != first[names[2][0]]
+    # the card's verdict table is the same from the fused runs as from the standalone ones
+    from fastdiff.report import Run, write_report
+
+    tables = {}
+    for kind in ("fused", "alone"):
+        runs = [Run.load(tmp_path / kind / n) for n, _, _ in names]
+        write_report(runs, tmp_path / f"report-{kind}", "e9")
+        crits = json.loads((tmp_path / f"report-{kind}" / "report.json").read_text())["criteria"]
+        tables[kind] = [(c["name"], c["status"], c["estimate"]) for c in crits]
+    assert [row[:2] for row in tables["fused"]] == [row[:2] for row in tables["alone"]]
+    for (_, _, a), (_, _, b) in zip(tables["fused"], tables["alone"]):
+        assert a == b or a == pytest.approx(b, rel=1e-3)
 
 
 def test_runs_that_cannot_share_a_pass_are_one_line(tmp_path):
@@ -204,3 +216,57 @@ def test_two_processes_fused_match_one(tmp_path):
         b = _final_weights(tmp_path / "one" / arm_name / "seed1077", 4)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_activation_bytes_are_fixed_plus_per_sample(tmp_path):
+    """The fit check extrapolates the saved activations from batch 1 and 2 as fixed +
+    per-sample. In fp32 nothing is fixed (the weights belong to the state); under bf16
+    autocast the fixed part is the bf16 copies of the conv and linear weights. Per
+    sample it holds at least the first convolution's input (the image, fp32)."""
+    from fastdiff.fused import saved_bytes
+    from fastdiff.tuning import amp_precision
+    from fastdiff.unet import build_model
+
+    cpu = torch.device("cpu")
+    cfg = arm(tmp_path, "a", "e9a", 1077)
+    one, two, three = (saved_bytes(cfg, b, cpu) for b in (1, 2, 3))
+    assert three == one + 2 * (two - one)
+    assert 2 * one - two == 0 and two - one >= 3 * cfg.data.image_size**2 * 4
+    if amp_precision(True, cuda=False) != "bf16":
+        return
+    cfg = arm(tmp_path, "b", "e9a", 1077, "train.amp=true")
+    one, two = saved_bytes(cfg, 1, cpu), saved_bytes(cfg, 2, cpu)
+    layers = [m for m in build_model("unet_tiny", 16, 0.1, 8).modules()]
+    layers = [m for m in layers if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    weights = sum(m.weight.numel() for m in layers)
+    assert (
+        0.95 * 2 * weights <= 2 * one - two <= 2 * sum(m.bias.numel() for m in layers) + 2 * weights
+    )
+
+
+def test_a_fused_job_that_does_not_fit_is_one_line_naming_what_fits(tmp_path, monkeypatch, capsys):
+    from fastdiff import fused
+    from fastdiff.unet import build_model
+
+    cfgs = [arm(tmp_path / "fused", f"r{k}", "e9a", 1077 + k, "train.amp=true") for k in range(3)]
+    m, cpu = cfgs[0].model, torch.device("cpu")
+    n = sum(p.numel() for p in build_model(m.name, m.base_channels, 0.1, 8).parameters())
+    one, two = fused.saved_bytes(cfgs[0], 1, cpu), fused.saved_bytes(cfgs[0], 2, cpu)
+    # weights, grad, two moments, EMA, stacked weights, grad views, stacked grad: fp32 each
+    per_run = 8 * 4 * n + (2 * one - two) + 4 * (two - one)
+    free = 2.5 * per_run / fused.HEADROOM  # two runs fit, three do not
+    monkeypatch.setattr(fused, "free_bytes", lambda device: free)
+    fused.check_fits(cfgs[:2], cpu)
+    with pytest.raises(ConfigError) as err:
+        fused.check_fits(cfgs, cpu)
+    line = str(err.value)
+    assert "K=3 runs at batch 4" in line and "K=2 at batch 4" in line
+    fits_batch = int((2.5 * per_run / 3 - 8 * 4 * n - (2 * one - two)) // (two - one))
+    assert f"batch {fits_batch} at K=3" in line and fits_batch < 4
+    # through the command: one line, before any run is set up
+    out = tmp_path / "study"
+    argv = ["e9", *tiny(tmp_path), "--seeds", "1,2", "--out", str(out)]
+    assert fused.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "K=4 runs at batch 4" in err[0]
+    assert not out.exists()
