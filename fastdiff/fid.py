@@ -416,10 +416,10 @@ class FIDEvaluator:
         return out
 
 
-def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None:
-    """The run's evaluator, or None when FID is off. Raises FIDUnavailable at start-up when
-    FID was asked for explicitly and the weights cannot be had; in auto mode, says once that
-    FID is off and why."""
+def build_evaluator(cfg, batches, device, explicit: bool) -> tuple[FIDEvaluator | None, str]:
+    """The run's evaluator and "", or None and why FID is off (said once in the log, and
+    recorded by the run for its report). Raises FIDUnavailable at start-up when FID was
+    asked for explicitly and the weights cannot be had."""
     from fastdiff.data import DeviceBatches, ShardImages, is_sharded
 
     fid_cfg = cfg.eval.fid
@@ -427,7 +427,7 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
     costly = None if explicit else too_costly(cfg, torch.device(device).type == "cuda")
     if costly:
         log.warning("FID off: %s", costly)
-        return None
+        return None, costly
     if extractor == "digits":
         from fastdiff import digits_fd
 
@@ -439,7 +439,7 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
             if explicit:
                 raise
             log.warning("FID off: %s", err)
-            return None
+            return None, str(err)
     if is_sharded(cfg.data.path):
         view = ShardImages(cfg.data.path)
         images, name = view.images, data_hash(manifest=view.manifest)
@@ -458,9 +458,10 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> FIDEvaluator | None
         len(images),
         f", statistics {fid_cfg.stats_path}" if fid_cfg.stats_path else "",
     )
-    return FIDEvaluator(
+    evaluator = FIDEvaluator(
         images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device, extractor=extractor
     )
+    return evaluator, ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--samples must be >= 2, got {args.samples}")
         cfg.eval.fid.weights_path = args.weights or cfg.eval.fid.weights_path
         batches = make_batches(cfg.data, 1, 0, 0, 1, "cpu")
-        evaluator = build_evaluator(cfg, batches, device, explicit=True)
+        evaluator, _ = build_evaluator(cfg, batches, device, explicit=True)
     except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
         print(f"fastdiff.eval: error: {err}")
         return 2

@@ -66,8 +66,10 @@ class Trainer:
         self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, *where)
         self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
         explicit = cfg.eval.fid.enabled is True
-        no_fid = cfg.eval.fid.enabled is False
-        self.fid = None if no_fid else build_evaluator(cfg, self.batches, self.device, explicit)
+        if cfg.eval.fid.enabled is False:
+            self.fid, self.fid_off = None, "eval.fid.enabled=false"
+        else:
+            self.fid, self.fid_off = build_evaluator(cfg, self.batches, self.device, explicit)
         self.objective = Objective.of(cfg, self.device)
         self.schedule = self.objective.schedule
         self._build_model()
@@ -290,7 +292,11 @@ class Trainer:
             "flops_per_step": self.step_flops * self.acc.num_processes,
             "device": str(self.device),
             "processes": self.acc.num_processes,
-            **({"fid_provenance": self.fid_job.provenance()} if self.fid is not None else {}),
+            **(
+                {"fid_provenance": self.fid_job.provenance()}
+                if self.fid is not None
+                else {"fid_off": self.fid_off}
+            ),
             **status,
         }
 

@@ -228,6 +228,7 @@ def test_auto_mode_without_weights_trains_and_says_fid_is_off(tmp_path, monkeypa
             summary = training_loop(cfg)
     assert summary["step"] == 6
     assert sum("FID off" in r.message for r in caplog.records) == 1
+    assert "Inception weights" in summary["fid_off"]  # the run's record says why
 
 
 def test_reference_statistics_do_not_go_stale_when_the_weights_change(
@@ -435,7 +436,8 @@ def test_auto_mode_leaves_a_costly_fid_off_on_cpu_with_one_line(tmp_path, monkey
     batches = make_batches(cfg.data, 4, 0, 0, 1, "cpu")
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         with mock.patch.object(digits_fd, "ensure_weights", side_effect=AssertionError):
-            assert build_evaluator(cfg, batches, "cpu", explicit=False) is None
+            evaluator, why = build_evaluator(cfg, batches, "cpu", explicit=False)
+    assert evaluator is None and "500,000 UNet evaluations" in why
     (line,) = [r.getMessage() for r in caplog.records if "FID off" in r.getMessage()]
     assert "500,000 UNet evaluations" in line and "694x" in line
     assert "eval.fid.enabled=true" in line
@@ -446,7 +448,8 @@ def test_auto_mode_leaves_a_costly_fid_off_on_cpu_with_one_line(tmp_path, monkey
     weights = tmp_path / "digits.pt"
     with mock.patch.object(digits_fd, "ensure_weights", return_value=weights):
         with mock.patch("fastdiff.fid.FIDEvaluator") as evaluator:
-            assert build_evaluator(cfg, batches, "cpu", explicit=True) is evaluator.return_value
+            made = build_evaluator(cfg, batches, "cpu", explicit=True)
+            assert made == (evaluator.return_value, "")
     assert evaluator.call_args.kwargs["extractor"] == "digits"
 
 

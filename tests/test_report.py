@@ -21,7 +21,7 @@ from fastdiff.report import (
     spike_count,
     write_report,
 )
-from fastdiff.report.criteria import THRESHOLDS
+from fastdiff.report.criteria import THRESHOLDS, recall_kept
 from tests.conftest import tiny
 
 E6, E9 = THRESHOLDS["e6"], THRESHOLDS["e9"]
@@ -441,3 +441,18 @@ def test_the_cards_thresholds_are_read_from_the_table(tmp_path, monkeypatch):
     crit = final_ratio()
     assert "within 10%" in crit.name and crit.estimate == pytest.approx(1.2)
     assert crit.threshold == pytest.approx(1.1)
+
+
+def test_a_run_without_fid_says_why_in_the_report(tmp_path):
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine")
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine")
+    why = "its sampling (500,000 UNet evaluations ...) would be 694x this run's training"
+    (treat.path / "summary.json").write_text(json.dumps({"step": 10_000, "fid_off": why}))
+    treat = Run.load(treat.path)
+    for crit in [
+        fid_ratio([(base, treat)], "final", **E9["fid_ratio"]),
+        recall_kept([(base, treat)], 0.8),
+    ]:
+        assert crit.status == NA and crit.detail == f"FID was off in {treat.name}: {why}"
+    # with no record of why, the plain "no final FID"
+    assert "no final FID" in fid_ratio([(base, base)], "final", **E9["fid_ratio"]).detail

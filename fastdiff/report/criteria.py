@@ -278,6 +278,9 @@ def _fid_judge(
     differs = fid_provenance_differs(*{r.path: r for pair in pairs for r in pair}.values())
     if differs:
         return Criterion(name, NA, differs, threshold=threshold)
+    off = [r for pair in pairs for r in pair if r.summary.get("fid_off")]
+    if off:  # say why, from the run's own record
+        missing = f"FID was off in {off[0].name}: {off[0].summary['fid_off']}"
     return judge(
         name,
         by_seed(pairs),
