@@ -424,22 +424,23 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> tuple[FIDEvaluator 
 
     fid_cfg = cfg.eval.fid
     extractor = chosen_extractor(fid_cfg, cfg.data.name)
-    costly = None if explicit else too_costly(cfg, torch.device(device).type == "cuda")
-    if costly:
-        log.warning("FID off: %s", costly)
-        return None, costly
-    if extractor == "digits":
-        from fastdiff import digits_fd
-
-        weights = digits_fd.ensure_weights()
-    else:
+    why = None
+    if extractor == "inception":  # first: a missing weights file is the thing to fix
         try:
             weights = resolve_weights(fid_cfg.weights_path, download=explicit)
         except FIDUnavailable as err:
             if explicit:
                 raise
-            log.warning("FID off: %s", err)
-            return None, str(err)
+            why = str(err)
+    if why is None and not explicit:
+        why = too_costly(cfg, torch.device(device).type == "cuda")
+    if why:
+        log.warning("FID off: %s", why)
+        return None, why
+    if extractor == "digits":  # (trains the extractor once per machine: seconds)
+        from fastdiff import digits_fd
+
+        weights = digits_fd.ensure_weights()
     if is_sharded(cfg.data.path):
         view = ShardImages(cfg.data.path)
         images, name = view.images, data_hash(manifest=view.manifest)
