@@ -10,7 +10,9 @@ work on them unchanged, and ``train.on_nonfinite`` acts per run. Only the forwar
 backward pass is shared: the K models' weights are stacked, one ``torch.func.vmap``
 of the UNet runs all of them, and each model's gradient is handed to its own run's
 optimizer. Every run gets the batch, timesteps, noise and dropout masks its
-standalone run would draw (tested: the same per-step losses in fp32).
+standalone run would draw (tested: the same per-step losses in fp32). A run's
+``perf/seconds_per_step`` and train time are the job's fused steps, without any run's
+logging or periodic jobs.
 
 Where it pays: launch-bound hardware (a GPU at the cards' batch 4). On a 2-core CPU
 the convolutions run no faster batched (docs/performance.md), so there it is slower.
@@ -22,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -267,11 +270,17 @@ class FusedRuns:
                     break
                 outs = self.step(step, live)
                 for tr, out in zip(list(live), outs):
+                    t0 = time.perf_counter()
                     try:
                         tr.after_step(step, out)
                     except Stopped as stop:
                         live.remove(tr)
                         results[id(tr)] = self._finish(tr, stop)
+                    # one run's logging and jobs are not the others' training time
+                    spent = time.perf_counter() - t0
+                    for other in live:
+                        if other is not tr:
+                            other.window.excluded += spent
         for tr in live:
             results[id(tr)] = self._finish(tr, None)
         return [results[id(tr)] for tr in self.all]

@@ -270,3 +270,21 @@ def test_a_fused_job_that_does_not_fit_is_one_line_naming_what_fits(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "K=4 runs at batch 4" in err[0]
     assert not out.exists()
+
+
+def test_one_runs_periodic_work_is_not_the_others_training_time(tmp_path):
+    """Run 0 gets a 0.2 s job after every step; run 1's seconds per step and train time
+    must not count it (a tiny fused step takes milliseconds)."""
+    import time
+
+    fused = FusedRuns([arm(tmp_path, n, e, 1077) for n, e in (("a", "e9a"), ("b", "e9b"))])
+    slow = fused.trainers[0]
+    plain_jobs = slow.jobs
+    slow.jobs = lambda: [*plain_jobs(), (lambda done: True, lambda s: time.sleep(0.2))]
+    fused.train()
+    for name in ("a", "b"):
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        per_step = [r["perf/seconds_per_step"] for r in rows if "perf/seconds_per_step" in r]
+        assert len(per_step) == STEPS and max(per_step[1:]) < 0.15, (name, per_step)
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["train_time_s"] < 0.1 * STEPS
