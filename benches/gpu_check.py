@@ -13,7 +13,10 @@ run cut short keeps what it measured):
 4. ``e9b``: a 200-step e9b on the embedded digits with FID at its milestones against a
    generated Inception weights file (the loading and scoring path is the real one; the
    values compare with nothing published);
-5. ``fused``: the fused K-arm step (issue 18) where it exists, else why not.
+5. ``fused``: the fused K-arm step (issue 18) at K = 1, 2, 4, 8 against sequential
+   steps, with the fit check's memory estimate against the fused peak;
+6. ``fused_match``: the fused step's losses against standalone runs, with and without
+   dropout.
 
 ``--smoke`` runs every part at the tests' tiny shapes on whatever device is here, so
 the script cannot rot between GPU sessions (tests/test_gpu_check.py runs it on CPU).
@@ -262,7 +265,39 @@ def fused(smoke: bool, work: Path) -> dict:
     return {"status": "ok", **out}
 
 
-PARTS = ("gpu_tests", "kernels", "steps", "cuda_graphs", "e9b", "fused")
+def fused_match(smoke: bool, work: Path) -> dict:
+    """The fused step's per-step losses against the same runs trained alone, fp32, tiny
+    preset, K=2, 10 steps: without dropout (the batched kernels' rounding) and with it
+    (on CUDA the fused masks come from the CPU dropout stream and a standalone run's
+    from F.dropout's Philox, so there they differ by design; on CPU they are equal)."""
+    from benches.test_bench_fused import k_run_configs
+    from fastdiff.fused import FusedRuns
+    from fastdiff.trainer import Trainer
+
+    out = {}
+    for p in (0.0, 0.1):
+        losses = {}
+        for mode in ("fused", "alone"):
+            fresh_trainer_state()
+            cfgs = k_run_configs(2, "fp32", work / f"match{p}{mode}", smoke=True)
+            for c in cfgs:
+                c.model.dropout = p
+            if mode == "fused":
+                runs = FusedRuns(cfgs)
+                losses[mode] = [[o.loss.item() for o in runs.step(s)] for s in range(10)]
+            else:
+                ts = [Trainer(c) for c in cfgs]
+                losses[mode] = [[t.train_step(s).loss.item() for t in ts] for s in range(10)]
+        rel = [
+            abs(a - b) / abs(b)
+            for fa, al in zip(losses["fused"], losses["alone"])
+            for a, b in zip(fa, al)
+        ]
+        out[f"dropout{p}"] = {"max_rel_diff": max(rel)}
+    return {"status": "ok", **out}
+
+
+PARTS = ("gpu_tests", "kernels", "steps", "cuda_graphs", "e9b", "fused", "fused_match")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             ("cuda_graphs", lambda left: cuda_graphs(args.smoke, work)),
             ("e9b", lambda left: short_e9b(args.smoke, work)),
             ("fused", lambda left: fused(args.smoke, work)),
+            ("fused_match", lambda left: fused_match(args.smoke, work)),
         ]
         for name, part in parts:
             if name not in chosen:

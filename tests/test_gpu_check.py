@@ -12,9 +12,10 @@ from benches.gpu_check import main
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_asked_part(tmp_path):
     out = tmp_path / "gpu-check.json"
-    assert main(["--smoke", "--parts", "steps,e9b,fused", "--out", str(out)]) == 0
+    parts = "steps,e9b,fused,fused_match"
+    assert main(["--smoke", "--parts", parts, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["parts"]) == {"steps", "e9b", "fused"}
+    assert set(result["parts"]) == set(parts.split(","))
     steps = result["parts"]["steps"]
     for key in ("b2-fp32-eager", "b2-amp-eager"):
         s = steps[key]
@@ -33,6 +34,10 @@ def test_gpu_check_smoke_writes_every_asked_part(tmp_path):
     assert fused["status"] == "ok"
     for k in ("K1", "K2"):
         assert fused[k]["speedup"] == pytest.approx(fused[k]["sequential"] / fused[k]["fused"])
+    match = result["parts"]["fused_match"]
+    assert match["status"] == "ok"
+    for p in ("dropout0.0", "dropout0.1"):  # on CPU equal to rounding either way
+        assert match[p]["max_rel_diff"] < 1e-4
 
 
 def test_gpu_check_unknown_part_is_one_line(capsys):
