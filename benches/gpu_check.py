@@ -267,7 +267,7 @@ def fused(smoke: bool, work: Path) -> dict:
 
 def fused_match(smoke: bool, work: Path) -> dict:
     """The fused step's per-step losses against the same runs trained alone, fp32, tiny
-    preset, K=2, 10 steps: without dropout (the batched kernels' rounding) and with it
+    preset, K=2, 20 steps: without dropout (the batched kernels' rounding) and with it
     (on CUDA the fused masks come from the CPU dropout stream and a standalone run's
     from F.dropout's Philox, so there they differ by design; on CPU they are equal)."""
     from benches.test_bench_fused import k_run_configs
@@ -280,14 +280,14 @@ def fused_match(smoke: bool, work: Path) -> dict:
         for mode in ("fused", "alone"):
             fresh_trainer_state()
             cfgs = k_run_configs(2, "fp32", work / f"match{p}{mode}", smoke=True)
-            for c in cfgs:
-                c.model.dropout = p
+            for c in cfgs:  # (an lr at which the zero-initialised convs after dropout move)
+                c.model.dropout, c.optim.lr = p, 1e-3
             if mode == "fused":
                 runs = FusedRuns(cfgs)
-                losses[mode] = [[o.loss.item() for o in runs.step(s)] for s in range(10)]
+                losses[mode] = [[o.loss.item() for o in runs.step(s)] for s in range(20)]
             else:
                 ts = [Trainer(c) for c in cfgs]
-                losses[mode] = [[t.train_step(s).loss.item() for t in ts] for s in range(10)]
+                losses[mode] = [[t.train_step(s).loss.item() for t in ts] for s in range(20)]
         rel = [
             abs(a - b) / abs(b)
             for fa, al in zip(losses["fused"], losses["alone"])
