@@ -422,6 +422,9 @@ def test_sampling_cost_counts_milestones_final_and_training():
     cfg = to_config(compose(["experiment=quickstart"]))
     # milestones at 500, 1000, 1500, 2000 of 250 samples, 500 final, NFE 50; 2000 x 32 x 3
     assert sampling_cost(cfg) == ((4 * 250 + 500) * 50, 2000 * 32 * 3)
+    from fastdiff.fid import too_costly
+
+    assert too_costly(cfg, cuda=False) is None  # the quickstart keeps its FD on a CPU
 
 
 def test_auto_mode_leaves_a_costly_fid_off_on_cpu_with_one_line(tmp_path, monkeypatch, caplog):
