@@ -34,7 +34,7 @@ from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
 from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
-from fastdiff.tuning import Dropout, amp_precision, dropout_mask, supplied_masks
+from fastdiff.tuning import Dropout, amp_precision, dropout_mask
 from fastdiff.unet import build_model
 from fastdiff.window import StepOut
 
@@ -173,13 +173,15 @@ class FusedRuns:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     def _dropout_layout(self) -> list[tuple]:
-        """(shape, stride, p) of every dropout input in forward order, from one forward
-        pass: the masks each run draws per step have exactly these layouts."""
+        """(name, shape, stride, p) of every dropout input in forward order (the order a
+        standalone step draws its masks in), from one forward pass."""
         t0 = self.trainers[0]
         seen = []
         hooks = [
-            m.register_forward_pre_hook(lambda m, a: seen.append((a[0].shape, a[0].stride(), m.p)))
-            for m in self.module.modules()
+            m.register_forward_pre_hook(
+                lambda m, a, name=name: seen.append((name, a[0].shape, a[0].stride(), m.p))
+            )
+            for name, m in self.module.named_modules()
             if isinstance(m, Dropout) and m.p > 0
         ]
         B = t0.cfg.train.batch_size
@@ -211,7 +213,7 @@ class FusedRuns:
         g = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
         return [
             dropout_mask(torch.empty_strided(shape, stride), p, g).to(trainer.device)
-            for shape, stride, p in self.masks
+            for _, shape, stride, p in self.masks
         ]
 
     def step(self, step: int, trainers=None) -> list[StepOut]:
@@ -237,11 +239,14 @@ class FusedRuns:
             return buffer.as_strided((len(ts), *p.shape), (n, *p.stride()), p.storage_offset())
 
         views = {name: as_stacked(stacked, p).requires_grad_() for name, p in self.params}
-        masks_k = [torch.stack(layer) for layer in zip(*masks)] if self.masks else []
+        # each Dropout's mask buffer, (K, ...): functional_call hands model k its own
+        masks_k = {
+            f"{layout[0]}.mask": torch.stack(layer)
+            for layout, layer in zip(self.masks, zip(*masks))
+        }
 
         def one(params, x, t, layer_masks):
-            with supplied_masks(layer_masks):
-                return functional_call(self.module, params, (x, t))
+            return functional_call(self.module, {**params, **layer_masks}, (x, t))
 
         with ts[0].acc.autocast():
             eps = vmap(one)(views, torch.stack(x_t), torch.stack(ts_), masks_k)

@@ -19,7 +19,6 @@ backward 3.7 → 1.1 ms under bf16 autocast at batch 4).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import sys
 
@@ -107,27 +106,18 @@ class Dropout(nn.Dropout):
     exact 1 / P(keep). CUDA keeps ``F.dropout`` (Philox, fused by the compiler).
     """
 
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        # A mask given from outside (fastdiff.fused hands each of several vmapped models
+        # the mask its standalone run would draw, through functional_call's buffers).
+        self.register_buffer("mask", None, persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.p and _SUPPLIED:
-            return x * next(_SUPPLIED[-1]).to(x.dtype)
+        if self.training and self.p and self.mask is not None:
+            return x * self.mask.to(x.dtype)
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         return x * dropout_mask(x, self.p)
-
-
-_SUPPLIED: list = []  # iterators of masks, innermost last (supplied_masks)
-
-
-@contextlib.contextmanager
-def supplied_masks(masks):
-    """The Dropout layers take these masks, in forward order, instead of drawing their
-    own: several models run as one vmapped pass (fastdiff.fused) each get the masks
-    their standalone runs would draw."""
-    _SUPPLIED.append(iter(masks))
-    try:
-        yield
-    finally:
-        _SUPPLIED.pop()
 
 
 def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None):
