@@ -16,7 +16,9 @@ run cut short keeps what it measured):
 5. ``fused``: the fused K-arm step (issue 18) at K = 1, 2, 4, 8 against sequential
    steps, with the fit check's memory estimate against the fused peak;
 6. ``fused_match``: the fused step's losses against standalone runs, with and without
-   dropout.
+   dropout;
+7. ``fused_compiled``: the fused K=4 step with its vmapped forward compiled, against
+   eager (last: its compilation may take what is left of the budget).
 
 ``--smoke`` runs every part at the tests' tiny shapes on whatever device is here, so
 the script cannot rot between GPU sessions (tests/test_gpu_check.py runs it on CPU).
@@ -297,7 +299,40 @@ def fused_match(smoke: bool, work: Path) -> dict:
     return {"status": "ok", **out}
 
 
-PARTS = ("gpu_tests", "kernels", "steps", "cuda_graphs", "e9b", "fused", "fused_match")
+def fused_compiled(smoke: bool, work: Path) -> dict:
+    """The fused K=4 step with its vmapped forward compiled (train.compile=true), against
+    the same step eager, AMP: the compile time and seconds per step. Smoke: K=2, the
+    aot_eager backend (the tracing path, without inductor's code generation)."""
+    from benches.test_bench_fused import k_run_configs
+    from fastdiff.fused import FusedRuns
+
+    k, steps = (2, 2) if smoke else (4, 10)
+    row = {}
+    for mode in ("eager", "compiled"):
+        fresh_trainer_state()
+        cfgs = k_run_configs(k, "amp", work / f"fc{mode}", smoke)
+        for c in cfgs:
+            c.train.compile = mode == "compiled"
+            c.train.compile_backend = "aot_eager" if smoke else "inductor"
+        runs = FusedRuns(cfgs)
+        t0 = time.perf_counter()
+        runs.step(0)[-1].loss.item()
+        sync()
+        row[f"{mode}_first_step_s"] = time.perf_counter() - t0
+        row[mode] = per_step(lambda s, r=runs: r.step(s + 1), steps)
+    return {"status": "ok", "k": k, **row, "speedup": row["eager"] / row["compiled"]}
+
+
+PARTS = (
+    "gpu_tests",
+    "kernels",
+    "steps",
+    "cuda_graphs",
+    "e9b",
+    "fused",
+    "fused_match",
+    "fused_compiled",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             ("e9b", lambda left: short_e9b(args.smoke, work)),
             ("fused", lambda left: fused(args.smoke, work)),
             ("fused_match", lambda left: fused_match(args.smoke, work)),
+            ("fused_compiled", lambda left: fused_compiled(args.smoke, work)),
         ]
         for name, part in parts:
             if name not in chosen:

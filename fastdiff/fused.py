@@ -43,6 +43,7 @@ SHARED = ARCHITECTURE + [  # what the K runs must agree on to share one batched 
     "train.batch_size",
     "train.amp",
     "train.total_steps",
+    "train.compile",
     "model.dropout",
     "model.kernels",
     "diffusion.T",
@@ -164,6 +165,16 @@ class FusedRuns:
         self.masks = self._dropout_layout()
         self.all = list(self.trainers)
         self._stacked = self._grad = None
+        # The K models' forward, vmapped; compiled only when asked for (train.compile=true):
+        # it traces and matches eager on CPU, but no GPU has measured it yet.
+        self.forward = vmap(self._one)
+        if first.cfg.train.compile is True:
+            backend = first.cfg.train.compile_backend
+            self.forward = torch.compile(self.forward, backend=backend)
+
+    def _one(self, params: dict, x: torch.Tensor, t: torch.Tensor, masks: dict) -> torch.Tensor:
+        """One model's ε prediction from its weights and dropout masks (under vmap)."""
+        return functional_call(self.module, {**params, **masks}, (x, t))
 
     @staticmethod
     def device_of(cfg: Config) -> torch.device:
@@ -245,11 +256,8 @@ class FusedRuns:
             for layout, layer in zip(self.masks, zip(*masks))
         }
 
-        def one(params, x, t, layer_masks):
-            return functional_call(self.module, {**params, **layer_masks}, (x, t))
-
         with ts[0].acc.autocast():
-            eps = vmap(one)(views, torch.stack(x_t), torch.stack(ts_), masks_k)
+            eps = self.forward(views, torch.stack(x_t), torch.stack(ts_), masks_k)
             per_sample = [
                 tr.objective.of_prediction(eps[k], noises[k], ts_[k]) for k, tr in enumerate(ts)
             ]

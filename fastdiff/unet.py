@@ -118,10 +118,10 @@ class Attention(nn.Module):
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    try:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    except RuntimeError:  # inside vmap (fastdiff.fused) layouts cannot be queried
+    # inside vmap (fastdiff.fused) a layout cannot be queried, eager or traced
+    if torch._C._functorch.is_batchedtensor(x):
         return False
+    return x.is_contiguous(memory_format=torch.channels_last)
 
 
 class UNet(nn.Module):

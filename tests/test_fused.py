@@ -288,3 +288,19 @@ def test_one_runs_periodic_work_is_not_the_others_training_time(tmp_path):
         assert len(per_step) == STEPS and max(per_step[1:]) < 0.15, (name, per_step)
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["train_time_s"] < 0.1 * STEPS
+
+
+def test_a_compiled_fused_step_traces_and_matches_eager(tmp_path):
+    """train.compile=true compiles the vmapped forward. Traced through Dynamo and AOT
+    autograd (the aot_eager backend: the tracing path without inductor's minutes of
+    code generation on a CPU), each run's losses equal the eager fused step's."""
+    names = (("a", "e9a"), ("b", "e9b"))
+    eager = FusedRuns([arm(tmp_path / "eager", n, e, 1077) for n, e in names])
+    compile_ = ["train.compile=true", "train.compile_backend=aot_eager"]
+    compiled = FusedRuns([arm(tmp_path / "compiled", n, e, 1077, *compile_) for n, e in names])
+    assert hasattr(compiled.forward, "_torchdynamo_orig_callable")
+    assert not hasattr(eager.forward, "_torchdynamo_orig_callable")
+    for step in range(3):
+        ours = [o.loss.item() for o in compiled.step(step)]
+        theirs = [o.loss.item() for o in eager.step(step)]
+        assert ours == pytest.approx(theirs, rel=1e-5)

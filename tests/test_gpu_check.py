@@ -12,7 +12,7 @@ from benches.gpu_check import main
 @pytest.mark.slow
 def test_gpu_check_smoke_writes_every_asked_part(tmp_path):
     out = tmp_path / "gpu-check.json"
-    parts = "steps,e9b,fused,fused_match"
+    parts = "steps,e9b,fused,fused_match,fused_compiled"
     assert main(["--smoke", "--parts", parts, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["parts"]) == set(parts.split(","))
@@ -38,6 +38,9 @@ def test_gpu_check_smoke_writes_every_asked_part(tmp_path):
     assert match["status"] == "ok"
     for p in ("dropout0.0", "dropout0.1"):  # on CPU equal to rounding either way
         assert match[p]["max_rel_diff"] < 1e-4
+    comp = result["parts"]["fused_compiled"]
+    assert comp["status"] == "ok" and comp["compiled"] > 0
+    assert comp["speedup"] == pytest.approx(comp["eager"] / comp["compiled"])
 
 
 def test_gpu_check_unknown_part_is_one_line(capsys):
