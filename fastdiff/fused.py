@@ -56,12 +56,17 @@ STATE_BYTES = 4 * 5 + 4 * 3
 HEADROOM = 0.9  # of the free memory: the allocator's slack and the backward's transients
 
 
-def saved_bytes(cfg: Config, batch: int, device: torch.device) -> int:
-    """Bytes autograd keeps for the backward of one model's forward pass at ``batch``
-    (saved-tensor hooks on a fresh model; each storage once, parameters excluded)."""
+def probe_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     m = cfg.model
     model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
-    model = model.to(device)
+    return model.to(device)
+
+
+def saved_bytes(cfg: Config, batch: int, device: torch.device, model=None) -> int:
+    """Bytes autograd keeps for the backward of one model's forward pass at ``batch``
+    (saved-tensor hooks on ``model``, else a fresh one; each storage once, parameters
+    excluded)."""
+    model = probe_model(cfg, device) if model is None else model
     own = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -95,10 +100,9 @@ def free_bytes(device: torch.device) -> int:
 def run_bytes(cfg: Config, device: torch.device) -> tuple[int, int, int]:
     """One fused run's memory as (state, fixed, per-sample): the state is STATE_BYTES
     per parameter; the activations are measured at batch 1 and 2 as fixed + per-sample."""
-    m = cfg.model
-    model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
+    model = probe_model(cfg, device)
     state = STATE_BYTES * sum(p.numel() for p in model.parameters())
-    one, two = saved_bytes(cfg, 1, device), saved_bytes(cfg, 2, device)
+    one, two = saved_bytes(cfg, 1, device, model), saved_bytes(cfg, 2, device, model)
     return state, 2 * one - two, two - one
 
 
