@@ -112,7 +112,9 @@ def check_fits(cfgs: list[Config], device: torch.device) -> None:
     k, batch = len(cfgs), cfgs[0].train.batch_size
     state, fixed, per_sample = run_bytes(cfgs[0], device)
     per_run = state + fixed + per_sample * batch
-    budget = HEADROOM * free_bytes(device)
+    # the processes on one host share its memory; each GPU is its own process's
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    budget = HEADROOM * free_bytes(device) / sharing
     if k * per_run <= budget:
         return
     gib = 2**30
@@ -122,7 +124,9 @@ def check_fits(cfgs: list[Config], device: torch.device) -> None:
     options += [f"batch {fits_batch} at K={k}"] if fits_batch else []
     raise ConfigError(
         f"a fused job of K={k} runs at batch {batch} needs about {k * per_run / gib:.1f} GiB, "
-        f"and {budget / gib:.1f} GiB of {device.type} memory is free: "
+        f"and {budget / gib:.1f} GiB of {device.type} memory is free"
+        + (f" to each of its {sharing} processes" if sharing > 1 else "")
+        + ": "
         + (" or ".join(options) + " would fit" if options else "not one run fits")
         + "; run fewer seeds per job (--seeds) or the runs unfused"
     )

@@ -257,6 +257,10 @@ def test_a_fused_job_that_does_not_fit_is_one_line_naming_what_fits(tmp_path, mo
     free = 2.5 * per_run / fused.HEADROOM  # two runs fit, three do not
     monkeypatch.setattr(fused, "free_bytes", lambda device: free)
     fused.check_fits(cfgs[:2], cpu)
+    with monkeypatch.context() as two_processes:  # on one host they share its memory
+        two_processes.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="each of its 2 processes: K=1 at batch 4"):
+            fused.check_fits(cfgs[:2], cpu)
     with pytest.raises(ConfigError) as err:
         fused.check_fits(cfgs, cpu)
     line = str(err.value)
