@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch.func import functional_call, vmap
 
 from fastdiff.checkpoint import ARCHITECTURE, changed_settings
@@ -151,7 +152,8 @@ class FusedRuns:
         from fastdiff.trainer import Trainer
 
         check_compatible(cfgs)
-        check_fits(cfgs, self.device_of(cfgs[0]))
+        # accelerate's process state: the device every run's Accelerator will be given
+        check_fits(cfgs, PartialState(cpu=not torch.cuda.is_available()).device)
         self.trainers = []
         for cfg in cfgs:
             try:
@@ -183,13 +185,6 @@ class FusedRuns:
     def _one(self, params: dict, x: torch.Tensor, t: torch.Tensor, masks: dict) -> torch.Tensor:
         """One model's ε prediction from its weights and dropout masks (under vmap)."""
         return functional_call(self.module, {**params, **masks}, (x, t))
-
-    @staticmethod
-    def device_of(cfg: Config) -> torch.device:
-        """The device each run's Accelerator will pick (see Trainer._accelerator)."""
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
     def _dropout_layout(self) -> list[tuple]:
         """(name, shape, stride, p) of every dropout input in forward order (the order a
