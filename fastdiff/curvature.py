@@ -251,25 +251,36 @@ class CurvatureProbe:
         return TraceEstimate(values, values.mean().item(), std, std / len(values) ** 0.5)
 
 
-def summarize(per_sample: torch.Tensor, weight: torch.Tensor) -> dict[str, float]:
+def summarize(
+    per_sample: torch.Tensor, weight: torch.Tensor, terms: bool = False
+) -> dict[str, float | list[float]]:
     """The trace estimate mean_{k,b} w_b Sₖ_b of a (K, B) per-sample matrix, with its
     uncertainty over both things drawn at random: the probe vectors (``stderr``, the
     probes' standard error) and the probe samples (``stderr_samples``, over the samples'
-    probe-mean terms w_b mean_k Sₖ_b); ``stderr_total`` combines them in quadrature."""
-    terms = per_sample.double() * weight.double()  # (K, B)
-    per_probe = terms.mean(1)  # (K,)
-    per_sample_mean = terms.mean(0)  # (B,)
-    k, b = terms.shape
+    probe-mean terms w_b mean_k Sₖ_b); ``stderr_total`` combines them in quadrature.
+
+    With ``terms``, also the terms themselves: ``probes`` (K,) and ``samples`` (B,).
+    Every probe step of a run reuses the same vectors and samples, so their errors are
+    shared from step to step and between the arms of one seed: a mean over steps, or a
+    difference between arms, takes its standard error from these terms, not from the
+    per-step errors as if they were independent (:mod:`fastdiff.report.criteria`)."""
+    cross = per_sample.double() * weight.double()  # (K, B)
+    per_probe = cross.mean(1)  # (K,)
+    per_sample_mean = cross.mean(0)  # (B,)
+    k, b = cross.shape
     std = per_probe.std().item() if k > 1 else 0.0
     se_probe = std / k**0.5
     se_samples = per_sample_mean.std().item() / b**0.5 if b > 1 else 0.0
-    return {
+    out = {
         "mean": per_probe.mean().item(),
         "std": std,
         "stderr": se_probe,
         "stderr_samples": se_samples,
         "stderr_total": (se_probe**2 + se_samples**2) ** 0.5,
     }
+    if terms:
+        out |= {"probes": per_probe.tolist(), "samples": per_sample_mean.tolist()}
+    return out
 
 
 class RunProbes:
@@ -278,8 +289,8 @@ class RunProbes:
 
     - ``curvature/hutch_trace_{mean,std,stderr,stderr_samples,stderr_total}``: the run's
       weighted training loss (``stderr``: over probe vectors; ``stderr_samples``: over
-      probe samples; ``stderr_total``: both), and ``curvature/hutch_trace_probes``, the
-      K per-probe values;
+      probe samples; ``stderr_total``: both), and its terms: ``curvature/hutch_trace_probes``
+      (K per-probe values) and ``curvature/hutch_trace_samples`` (B per-sample values);
     - ``…_unweighted``: plain ε-MSE on the same batch and vectors, when the run's
       weighting is not uniform (Min-SNR's weights average below 1, which shrinks the
       weighted trace even where the landscape is unchanged);
@@ -315,11 +326,11 @@ class RunProbes:
         start = time.perf_counter()
         per_sample = self.main.per_sample(model)  # (K, B)
         w = self.main.weight
-        out = _named(summarize(per_sample, w), "curvature/hutch_trace_{}")
-        out["curvature/hutch_trace_probes"] = (per_sample.double() * w).mean(1).tolist()
+        out = _named(summarize(per_sample, w, terms=True), "curvature/hutch_trace_{}")
         if self.unweighted:
             out |= _named(
-                summarize(per_sample, torch.ones_like(w)), "curvature/hutch_trace_{}_unweighted"
+                summarize(per_sample, torch.ones_like(w), terms=True),
+                "curvature/hutch_trace_{}_unweighted",
             )
         for name, mask in self.bins.items():
             out |= _named(

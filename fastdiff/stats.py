@@ -30,6 +30,7 @@ class Measure:
     value: float
     se: float | None = None
     detail: str = ""
+    df: float | None = None  # degrees of freedom of ``se`` when it is estimated from few terms
 
 
 @dataclass
@@ -55,9 +56,20 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float, float
     return mean, mean - half, mean + half, sd
 
 
-def normal_interval(value: float, se: float, level: float = LEVEL) -> tuple[float, float]:
-    z = sps.norm.ppf(0.5 + level / 2)
+def normal_interval(
+    value: float, se: float, level: float = LEVEL, df: float | None = None
+) -> tuple[float, float]:
+    """value ± z·se, or ± t_df·se when the SE is itself estimated from few terms."""
+    z = sps.norm.ppf(0.5 + level / 2) if df is None else sps.t.ppf(0.5 + level / 2, df)
     return value - z * se, value + z * se
+
+
+def welch_df(variances: list[float], dfs: list[int]) -> float | None:
+    """Welch–Satterthwaite degrees of freedom of a sum of independent variance
+    estimates, each with its own degrees of freedom (None when the sum is 0)."""
+    total = sum(variances)
+    denom = sum(v * v / d for v, d in zip(variances, dfs) if d > 0)
+    return None if total == 0 or denom == 0 else total * total / denom
 
 
 def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
@@ -72,7 +84,7 @@ def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
     (m,) = measures
     if m.se is None:  # no within-run uncertainty known: only seeds can decide
         return Interval(m.value, -math.inf, math.inf, "within run (no standard error)", values)
-    lo, hi = normal_interval(m.value, m.se, level)
+    lo, hi = normal_interval(m.value, m.se, level, m.df)
     return Interval(m.value, lo, hi, "within run", values, m.se)
 
 

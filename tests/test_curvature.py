@@ -189,6 +189,26 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
     weighted = p.trace(model)
     assert out["curvature/hutch_trace_mean"] == pytest.approx(weighted.mean, rel=1e-4)
     assert out["curvature/hutch_trace_probes"] == pytest.approx(weighted.values.tolist(), rel=1e-4)
+    assert out["curvature/hutch_trace_probes_unweighted"] == pytest.approx(
+        plain.values.tolist(), rel=1e-4
+    )
+    # Each sample's term is the trace of its own weighted loss, with the same vectors
+    # (what the report pairs two arms over)
+    for b, suffix, weight in ((0, "", p.weight[0]), (3, "_unweighted", 1.0)):
+        alone = CurvatureProbe(
+            torch.zeros_like(p.x_t[b : b + 1]),
+            p.t[b : b + 1],
+            p.noise[b : b + 1],
+            sched.alphas_cumprod.float(),
+            sched.loss_weights("minsnr", 5.0),
+            cfg.curvature.probes,
+            cfg.train.seed,
+            method="jvp",
+        )
+        alone.x_t = p.x_t[b : b + 1]
+        want = alone.trace(model, unweighted=True).mean * float(weight)
+        got = out[f"curvature/hutch_trace_samples{suffix}"]
+        assert len(got) == 4 and got[b] == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
 def test_summary_standard_errors_over_probes_and_samples():

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import scipy.stats
+import torch
 import yaml
 
 from fastdiff.report import (
@@ -383,13 +386,19 @@ def test_seeds_give_a_paired_t_interval(tmp_path):
 
 
 def test_one_seed_uses_the_logged_standard_errors(tmp_path):
-    (pair,) = _seeded_pairs(tmp_path, (80.0,), trace_se=4.0)[:1]
+    (pair,) = _seeded_pairs(tmp_path, (80.0,), trace_se=1.0)[:1]
     crit = curvature_reduction([pair], **E6["curvature_reduction"])
-    # 5 probe steps in 6k–10k, each SE 4: window SE 4·√5/5; Δ = −20% with delta-method SE
-    se_w = 4.0 * 5**0.5 / 5
-    se = (se_w**2 + (0.8 * se_w) ** 2) ** 0.5 / 100
+    # 5 probe steps in 6k–10k, each SE 1. The probe reuses its batch and vectors, so the
+    # steps' errors are shared: the window's SE is 1, not 1/√5. Δ = −20%, delta method.
+    se = (1.0**2 + 0.8**2) ** 0.5 / 100
     assert crit.interval == pytest.approx((-0.2 - 1.959964 * se, -0.2 + 1.959964 * se), rel=1e-5)
-    assert crit.status == PASS  # [−0.245, −0.155]
+    assert crit.status == PASS  # [−0.225, −0.175]
+    # SE 4 a step: [−0.300, −0.100] straddles −15% (as independent steps, SE 4/√5 would
+    # have made it [−0.245, −0.155], a pass the probe's shared errors do not support)
+    shared = curvature_reduction(
+        [_seeded_pairs(tmp_path / "s", (80.0,), trace_se=4.0)[0]], **E6["curvature_reduction"]
+    )
+    assert shared.status == INCONCLUSIVE
     noisy = curvature_reduction(
         [_seeded_pairs(tmp_path / "n", (80.0,), trace_se=12.0)[0]], **E6["curvature_reduction"]
     )
@@ -398,6 +407,92 @@ def test_one_seed_uses_the_logged_standard_errors(tmp_path):
         [_seeded_pairs(tmp_path / "u", (80.0,), trace_se=None)[0]], **E6["curvature_reduction"]
     )
     assert unknown.status == INCONCLUSIVE and "no standard error" in unknown.detail
+
+
+def _probe_run(name, weighting, steps):
+    """An in-memory run whose probe steps log what RunProbes logs for (K, B) matrices."""
+    from pathlib import Path
+
+    from fastdiff.curvature import summarize
+
+    rows = [
+        {
+            "step": s,
+            **{
+                f"curvature/hutch_trace_{k}": v
+                for k, v in summarize(torch.as_tensor(m), torch.ones(m.shape[1]), True).items()
+            },
+        }
+        for s, m in steps.items()
+    ]
+    cfg = {
+        "experiment": name,
+        "loss": {"weighting": weighting},
+        "diffusion": {"beta_schedule": "linear"},
+        "train": {"total_steps": 10_000, "seed": 1},
+    }
+    return Run(Path(name), cfg, rows, {})
+
+
+def test_one_seed_pairs_the_arms_over_their_shared_probe_terms():
+    # K=2 probe vectors x B=3 samples, one step in the window; the arms share both
+    base = np.array([[9.0, 10.0, 11.0], [9.0, 12.0, 15.0]])  # probes 10, 12; samples 9, 11, 13
+    treat = np.array([[7.0, 8.0, 9.0], [7.0, 9.0, 11.0]])  # probes 8, 9; samples 7, 8.5, 10
+    crit = curvature_reduction(
+        [(_probe_run("e5", "uniform", {8000: base}), _probe_run("e6", "minsnr", {8000: treat}))],
+        **E6["curvature_reduction"],
+    )
+    r = 8.5 / 11
+    zp = [(8 - r * 10) / 11, (9 - r * 12) / 11]
+    zs = [(7 - r * 9) / 11, (8.5 - r * 11) / 11, (10 - r * 13) / 11]
+    vp = np.var(zp, ddof=1) / 2
+    vs = np.var(zs, ddof=1) / 3
+    df = (vp + vs) ** 2 / (vp**2 / 1 + vs**2 / 2)
+    half = scipy.stats.t.ppf(0.975, df) * (vp + vs) ** 0.5
+    assert crit.estimate == pytest.approx(8.5 / 11 - 1)
+    assert crit.interval == pytest.approx((r - 1 - half, r - 1 + half), rel=1e-9)
+    assert "paired over 2 probe vectors and 3 samples" in crit.detail
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.9])
+def test_one_seed_interval_covers_the_true_change(shared):
+    """Runs whose probes reuse their vectors and samples at every step, each arm with a
+    sample effect and a probe-by-sample effect that arms share to ``shared``: the 95%
+    interval of the change must hold the true −20% about 95% of the time, with the
+    probe terms (paired) and without them (the per-step SEs only)."""
+    rng = np.random.default_rng(0)
+    K, B, steps = 16, 8, range(6000, 10001, 500)
+
+    def arm(mean, g0, u0):
+        g = np.exp(0.5 * (shared * g0 + (1 - shared**2) ** 0.5 * rng.standard_normal(B)))
+        u = 0.6 * (shared * u0 + (1 - shared**2) ** 0.5 * rng.standard_normal((K, B)))
+        return {
+            s: mean * (1 + 0.002 * i) * g * (1 + u + 0.05 * rng.standard_normal((K, B)))
+            for i, s in enumerate(steps)
+        }
+
+    hits, widths = {"paired": 0, "per-step": 0}, {"paired": [], "per-step": []}
+    reps = 200
+    for _ in range(reps):
+        g0, u0 = rng.standard_normal(B), rng.standard_normal((K, B))
+        pair = (
+            _probe_run("e5", "uniform", arm(100.0, g0, u0)),
+            _probe_run("e6", "minsnr", arm(80.0, g0, u0)),
+        )
+        for how in hits:
+            if how == "per-step":
+                for run in pair:
+                    run.rows = [
+                        {k: v for k, v in row.items() if not isinstance(v, list)}
+                        for row in run.rows
+                    ]
+            lo, hi = curvature_reduction([pair], **E6["curvature_reduction"]).interval
+            hits[how] += lo <= -0.2 <= hi
+            widths[how].append(hi - lo)
+    assert hits["paired"] / reps >= 0.88  # independent steps' SEs gave 0.52 and 0.83 here
+    assert hits["per-step"] / reps >= 0.88
+    if shared:  # pairing is what makes shared errors cancel
+        assert np.median(widths["paired"]) < 0.6 * np.median(widths["per-step"])
 
 
 def test_report_groups_runs_into_arms_and_pairs_them_by_seed(tmp_path):

@@ -25,6 +25,7 @@ from fastdiff.stats import (
     interval,
     seeds_needed,
     verdict,
+    welch_df,
 )
 
 
@@ -77,9 +78,43 @@ def stderr_key(key: str) -> str:
     return key.replace("_mean", "_stderr_total", 1)
 
 
-def window_mean(run: Run, key: str, lo: float, hi: float) -> tuple[float, float | None] | None:
-    """Mean of ``key`` over steps [lo, hi] and its standard error (from the logged
-    per-step standard errors; None if the run logged none)."""
+@dataclass
+class WindowTrace:
+    """A curvature mean over the probe steps of a window, with the standard error that
+    holds whatever the correlation between those steps (``se``), and, where the run
+    logged them, its terms averaged over the same steps: ``probes`` (K,), one per probe
+    vector, and ``samples`` (B,), one per probe sample."""
+
+    mean: float
+    se: float | None
+    probes: np.ndarray | None = None
+    samples: np.ndarray | None = None
+
+    def scaled(self, c: float) -> WindowTrace:
+        def mul(x):
+            return None if x is None else x * c
+
+        return WindowTrace(self.mean * c, mul(self.se), mul(self.probes), mul(self.samples))
+
+
+def _window_terms(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
+    """The mean over ``steps`` of a list-valued series, or None unless every step has one
+    of a common length."""
+    got = run.lists(key)
+    rows = [got.get(float(s)) for s in steps]
+    if any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
+        return None
+    return np.mean(rows, axis=0)
+
+
+def window_mean(run: Run, key: str, lo: float, hi: float) -> WindowTrace | None:
+    """Mean of ``key`` over steps [lo, hi], its standard error and its terms (None if
+    the run has no value in the window).
+
+    The probe measures the same batch with the same vectors at every step, so its errors
+    are shared from step to step: the window mean's standard error is the mean of the
+    steps' (what it is when the errors move together, and an upper bound whatever they
+    do), not theirs ÷ √n."""
     steps, values = run.series(key)
     inside = (steps >= lo) & (steps <= hi)
     if not inside.any():
@@ -87,8 +122,13 @@ def window_mean(run: Run, key: str, lo: float, hi: float) -> tuple[float, float 
     se_steps, se_values = run.series(stderr_key(key))
     se = None
     if len(se_values) == len(values) and np.array_equal(se_steps, steps):
-        se = float(np.sqrt((se_values[inside] ** 2).sum()) / inside.sum())
-    return float(values[inside].mean()), se
+        se = float(se_values[inside].mean())
+    return WindowTrace(
+        float(values[inside].mean()),
+        se,
+        _window_terms(run, key.replace("_mean", "_probes", 1), steps[inside]),
+        _window_terms(run, key.replace("_mean", "_samples", 1), steps[inside]),
+    )
 
 
 def relative_change(treat: float, base: float) -> float:
@@ -96,10 +136,43 @@ def relative_change(treat: float, base: float) -> float:
 
 
 def change_measure(t: tuple, b: tuple, detail: str) -> Measure:
-    """(mt − mb)/|mb| with its delta-method standard error."""
+    """(mt − mb)/|mb| with its delta-method standard error (t and b independent)."""
     (mt, st), (mb, sb) = t, b
     se = None if st is None or sb is None else np.hypot(st, mt / mb * sb) / abs(mb)
     return Measure(relative_change(mt, mb), se, detail)
+
+
+def paired_se(t: WindowTrace, b: WindowTrace) -> tuple[float, float | None] | None:
+    """The standard error of (t̄ − b̄)/|b̄|, and so of t̄/b̄ for b̄ > 0, from the terms the
+    two runs share, with its degrees of freedom. The arms of one seed probe the same B
+    samples with the same K vectors, so their errors largely cancel in the comparison.
+    Delta method, term by term: zᵢ = (tᵢ − r·bᵢ)/|b̄| with r = t̄/b̄, and SE² =
+    s²(z over vectors)/K + s²(z over samples)/B, the two sources summarize() combines
+    for one step; Welch–Satterthwaite gives the degrees of freedom (B is 8 by default,
+    so a normal quantile would make the interval too short). None when either run
+    lacks the terms or their shapes differ."""
+    variances, dfs = [], []
+    for tz, bz in ((t.probes, b.probes), (t.samples, b.samples)):
+        if tz is None or bz is None or tz.shape != bz.shape:
+            return None
+        z = (tz - t.mean / b.mean * bz) / abs(b.mean)
+        variances.append(float(z.var(ddof=1) / len(z)) if len(z) > 1 else 0.0)
+        dfs.append(len(z) - 1)
+    return float(np.sqrt(sum(variances))), welch_df(variances, dfs)
+
+
+def trace_measure(t: WindowTrace, b: WindowTrace, value: float, detail: str, ratio=False):
+    """A comparison of two runs' curvature (``value``, their relative change or ratio)
+    with its standard error: paired over the shared probe terms where both runs logged
+    them, else the per-run errors taken as independent."""
+    paired = paired_se(t, b)
+    if paired is not None:
+        se, df = paired
+        detail += f"; SE paired over {len(t.probes)} probe vectors and {len(t.samples)} samples"
+        return Measure(value, se, detail, df)
+    if ratio:
+        return ratio_measure((t.mean, t.se), (b.mean, b.se), detail)
+    return change_measure((t.mean, t.se), (b.mean, b.se), detail)
 
 
 def ratio_measure(t: tuple, b: tuple, detail: str) -> Measure:
@@ -186,14 +259,11 @@ def curvature_reduction(
             if m is None:
                 return None
             if divide_by_mean_weight:
-                w = run.value("loss/mean_weight") or 1.0
-                m = (m[0] / w, None if m[1] is None else m[1] / w)
+                m = m.scaled(1 / (run.value("loss/mean_weight") or 1.0))
             means.append(m)
-        return change_measure(
-            means[1],
-            means[0],
-            f"{treat.name} {means[1][0]:.4g} vs {base.name} {means[0][0]:.4g}",
-        )
+        b, t = means
+        detail = f"{treat.name} {t.mean:.4g} vs {base.name} {b.mean:.4g}"
+        return trace_measure(t, b, relative_change(t.mean, b.mean), detail)
 
     what = "unweighted trace" if key == TRACE_UNW else key
     name = f"mean {what} over steps {lo_s:g}–{hi_s:g} ≥{threshold:.0%} lower"
@@ -396,24 +466,21 @@ def exploding_curvature(pairs: list[Pair], burn_in: float, factor: float) -> Cri
     lo = scale_steps(pairs[0][0], burn_in)
 
     def measure(base: Run, treat: Run):
-        sb, vb = base.series(TRACE)
-        st, vt = treat.series(TRACE)
+        sb, _ = base.series(TRACE)
+        st, _ = treat.series(TRACE)
         common = sorted(set(sb[sb >= lo].tolist()) & set(st[st >= lo].tolist()))
         if not common:
             return None
-        se_b = dict(zip(*base.series(stderr_key(TRACE))))
-        se_t = dict(zip(*treat.series(stderr_key(TRACE))))
         ratios = []
         for s in common:
-            b, t = float(vb[sb == s][-1]), float(vt[st == s][-1])
-            if b != 0:
-                ratios.append((t / b, s, (t, se_t.get(s)), (b, se_b.get(s))))
+            b, t = window_mean(base, TRACE, s, s), window_mean(treat, TRACE, s, s)
+            if b.mean != 0:
+                ratios.append((t.mean / b.mean, s, t, b))
         if not ratios:
             return None
-        worst, step, t, b = max(ratios)
-        return ratio_measure(
-            t, b, f"worst ratio {worst:.2f}× at step {step:g} over {len(common)} probe steps"
-        )
+        worst, step, t, b = max(ratios, key=lambda r: r[:2])
+        detail = f"worst ratio {worst:.2f}× at step {step:g} over {len(common)} probe steps"
+        return trace_measure(t, b, worst, detail, ratio=True)
 
     return judge(
         f"no exploding curvature unique to Min-SNR (trace < {factor:g}× vanilla's "
