@@ -3,12 +3,10 @@ sampler's batch- and process-invariant noise, and the training-loop integration.
 
 import json
 import logging
-import warnings
 from unittest import mock
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from fastdiff.config import ConfigError, compose, to_config
@@ -54,13 +52,15 @@ def features_ab(inception_weights):
 
 
 def frechet(f1, f2):
-    """Independent reference: ‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½) with scipy's sqrtm."""
+    """Independent reference: ‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the last trace as
+    the sum of the square roots of the eigenvalues of the non-symmetric product Σ1 Σ2
+    (LAPACK geev; the code under test takes symmetric ones of √Σ2 Σ1 √Σ2). Equal to
+    scipy's sqrtm trace, at 2.2 s instead of 16.7 s for D=2048 on a 2-core CPU."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    with warnings.catch_warnings():  # few samples: singular covariances, as in the code under test
-        warnings.simplefilter("ignore")
-        covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    eig = np.linalg.eigvals(s1 @ s2).real  # real and ≥ 0 up to rounding: a product of PSDs
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * tr_covmean)
 
 
 def test_fid_matches_an_independent_frechet_distance(inception_weights, features_ab, tmp_path):
