@@ -26,8 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fastdiff kernels tests benches
 
 # The benches also run here once, untimed, on tiny shapes, so they never rot. One
-# xdist worker per core (tests/conftest.py gives each its share of the threads): on a
-# 2-core Intel VM 13 min in one process, under 9 in two.
+# xdist worker per core, each with its share of the threads (tests/conftest.py);
+# docs/performance.md has what that saves.
 test: $(STAMP) lint
 	FASTDIFF_BENCH_SMOKE=1 $(BIN)/python -m pytest -n logical --dist worksteal \
 		--benchmark-disable --durations=15
