@@ -295,7 +295,7 @@ class RunProbes:
       weighting is not uniform (Min-SNR's weights average below 1, which shrinks the
       weighted trace even where the landscape is unchanged);
     - ``curvature/hutch/t{lo}-{hi}/trace_…``: the weighted trace over the samples of
-      each of ``curvature.t_bins`` equal-width timestep bins;
+      each of ``curvature.t_bins`` equal-width timestep bins, with its terms;
     - ``curvature/hutch_seconds``: the probe's wall time.
     """
 
@@ -334,7 +334,8 @@ class RunProbes:
             )
         for name, mask in self.bins.items():
             out |= _named(
-                summarize(per_sample[:, mask], w[mask]), f"curvature/hutch/{name}/trace_{{}}"
+                summarize(per_sample[:, mask], w[mask], terms=True),
+                f"curvature/hutch/{name}/trace_{{}}",
             )
         out["curvature/hutch_seconds"] = time.perf_counter() - start
         return out

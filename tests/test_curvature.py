@@ -184,6 +184,9 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
         got = out[f"curvature/hutch/{name}/trace_mean"]
         assert got == pytest.approx(want.mean, rel=1e-4, abs=1e-7)
         assert out[f"curvature/hutch/{name}/trace_stderr"] == pytest.approx(want.stderr, rel=1e-3)
+        assert out[f"curvature/hutch/{name}/trace_probes"] == pytest.approx(
+            want.values.tolist(), rel=1e-4, abs=1e-7
+        )
     plain = p.trace(model, unweighted=True)
     assert out["curvature/hutch_trace_mean_unweighted"] == pytest.approx(plain.mean, rel=1e-4)
     weighted = p.trace(model)

@@ -172,6 +172,44 @@ def test_exploding_curvature_rule(tmp_path):
     assert exploding_curvature([(base, wild)], **E9["exploding_curvature"]).status == FAIL
 
 
+def _with_bands(run, bands):
+    """Per-timestep-band traces {band: {step: value}} (standard error 0) added to a run."""
+    for band, values in bands.items():
+        run.rows += [
+            {
+                "step": s,
+                f"curvature/hutch/{band}/trace_mean": v,
+                f"curvature/hutch/{band}/trace_stderr_total": 0.0,
+            }
+            for s, v in values.items()
+        ]
+    return run
+
+
+def test_exploding_curvature_by_timestep_band(tmp_path):
+    """A blow-up confined to one band, which the whole trace hides: 4× in t250-499
+    against the total's 27/15 = 1.8×."""
+    flat = {1000: 10.0, 2000: 10.0, 3000: 10.0}
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", traces=flat)
+    base = _with_bands(base, {"t0-249": flat, "t250-499": {1000: 5.0, 2000: 5.0, 3000: 5.0}})
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", traces={2000: 12, 3000: 18})
+    band_hit = {1000: 99.0, 2000: 5.0, 3000: 20.0}  # step 1000 is burn-in
+    wild = _with_bands(treat, {"t0-249": {2000: 12.0, 3000: 11.0}, "t250-499": band_hit})
+    rule = E9["exploding_curvature"]
+    assert exploding_curvature([(base, wild)], **rule).status == PASS
+    crit = exploding_curvature([(base, wild)], **rule, bands=True)
+    assert crit.status == FAIL and crit.estimate == pytest.approx(4.0)
+    assert "band t250-499 at step 3000" in crit.detail and "2 bands" in crit.detail
+    calm_bands = {"t0-249": {2000: 12.0, 3000: 11.0}, "t250-499": {2000: 5.0, 3000: 14.0}}
+    calm = _with_bands(make_run(tmp_path / "c", "e9b", "minsnr", "cosine"), calm_bands)
+    calm_crit = exploding_curvature([(base, calm)], **rule, bands=True)
+    assert calm_crit.status == PASS and calm_crit.estimate == pytest.approx(14 / 5)
+    bare = make_run(tmp_path / "d", "e9b", "minsnr", "cosine", traces=flat)
+    assert exploding_curvature([(base, bare)], **rule, bands=True).status == NA
+    names = [c.name for c in evaluate([base, wild], "e9")[0]]
+    assert any(n.startswith("no SNR band with exploding curvature") for n in names)
+
+
 def test_unfinished_or_nan_run_fails_completion(tmp_path):
     base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", reached=4000)
     treat = make_run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -460,38 +461,60 @@ def completed(run: Run) -> Criterion:
     )
 
 
-def exploding_curvature(pairs: list[Pair], burn_in: float, factor: float) -> Criterion:
+def band_keys(run: Run) -> list[str]:
+    """The run's per-timestep-band trace series (``curvature/hutch/t{lo}-{hi}/trace_mean``),
+    low t (high SNR) first."""
+    found = {k for row in run.rows for k in row if BAND_TRACE.fullmatch(k)}
+    return sorted(found, key=lambda k: int(BAND_TRACE.fullmatch(k).group(1)))
+
+
+BAND_TRACE = re.compile(r"curvature/hutch/t(\d+)-\d+/trace_mean")
+
+
+def exploding_curvature(
+    pairs: list[Pair], burn_in: float, factor: float, bands: bool = False
+) -> Criterion:
     """Rule: after burn-in, the treatment's trace stays below ``factor`` × the
-    baseline's at the same probe step (the worst step's ratio, with its SE)."""
+    baseline's at the same probe step (the worst step's ratio, with its SE). With
+    ``bands``, the same over each timestep band's trace: the worst band and step (MS1-e9's
+    "curvature / SNR stats": a blow-up confined to one SNR range hides in the total)."""
     lo = scale_steps(pairs[0][0], burn_in)
 
     def measure(base: Run, treat: Run):
-        sb, _ = base.series(TRACE)
-        st, _ = treat.series(TRACE)
-        common = sorted(set(sb[sb >= lo].tolist()) & set(st[st >= lo].tolist()))
-        if not common:
-            return None
-        ratios = []
-        for s in common:
-            b, t = window_mean(base, TRACE, s, s), window_mean(treat, TRACE, s, s)
-            if b.mean != 0:
-                ratios.append((t.mean / b.mean, s, t, b))
+        keys = band_keys(base) if bands else [TRACE]
+        ratios, probed = [], 0
+        for key in keys:
+            sb, _ = base.series(key)
+            st, _ = treat.series(key)
+            common = sorted(set(sb[sb >= lo].tolist()) & set(st[st >= lo].tolist()))
+            probed = max(probed, len(common))
+            for s in common:
+                b, t = window_mean(base, key, s, s), window_mean(treat, key, s, s)
+                if b.mean > 0:  # a ratio to a negative trace says nothing of growth
+                    ratios.append((t.mean / b.mean, s, key, t, b))
         if not ratios:
             return None
-        worst, step, t, b = max(ratios, key=lambda r: r[:2])
-        detail = f"worst ratio {worst:.2f}× at step {step:g} over {len(common)} probe steps"
+        worst, step, key, t, b = max(ratios, key=lambda r: r[:2])
+        where = f" in band {key.split('/')[2]}" if bands else ""
+        detail = f"worst ratio {worst:.2f}×{where} at step {step:g} over {probed} probe steps"
+        if bands:
+            detail += f" and {len(keys)} bands"
         return trace_measure(t, b, worst, detail, ratio=True)
 
+    if bands:
+        name = (
+            f"no SNR band with exploding curvature unique to Min-SNR (each timestep band's "
+            f"trace < {factor:g}× vanilla's after step {lo:g})"
+        )
+        missing = f"no per-band traces (curvature/hutch/t…/trace_mean) at common steps ≥ {lo:g}"
+    else:
+        name = (
+            f"no exploding curvature unique to Min-SNR (trace < {factor:g}× vanilla's "
+            f"after step {lo:g})"
+        )
+        missing = f"no common probe steps ≥ {lo:g} with {TRACE}"
     return judge(
-        f"no exploding curvature unique to Min-SNR (trace < {factor:g}× vanilla's "
-        f"after step {lo:g})",
-        by_seed(pairs),
-        measure,
-        factor,
-        True,
-        "curvature.png",
-        _times,
-        missing=f"no common probe steps ≥ {lo:g} with {TRACE}",
+        name, by_seed(pairs), measure, factor, True, "curvature.png", _times, missing=missing
     )
 
 
@@ -659,6 +682,7 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
             recall_kept(pairs, **t["recall_kept"]),
             loss_pathology(pairs, **t["loss_pathology"]),
             exploding_curvature(pairs, **t["exploding_curvature"]),
+            exploding_curvature(pairs, **t["exploding_curvature"], bands=True),
         ]
         linear = pairs_of(runs, "linear")
         if linear:
