@@ -4,7 +4,8 @@ A criterion compares an estimate with a threshold. Its 95% interval comes from t
 seeds when there are several (a paired t-interval over the per-seed values: the two
 arms of one seed share data order, timesteps, noise and init, so their difference
 is what varies) and from the run's own uncertainty otherwise (a normal interval from
-the standard error: probe standard errors, bootstrap over FID samples). A criterion
+the standard error, or a t one when the SE comes from few terms: the curvature probe's
+terms paired between the arms, bootstrap over FID samples). A criterion
 
 - passes when the whole interval lies on the pass side of the threshold,
 - fails when the whole interval lies on the fail side,
