@@ -461,14 +461,14 @@ def completed(run: Run) -> Criterion:
     )
 
 
+BAND_TRACE = re.compile(r"curvature/hutch/t(\d+)-\d+/trace_mean")
+
+
 def band_keys(run: Run) -> list[str]:
     """The run's per-timestep-band trace series (``curvature/hutch/t{lo}-{hi}/trace_mean``),
     low t (high SNR) first."""
     found = {k for row in run.rows for k in row if BAND_TRACE.fullmatch(k)}
     return sorted(found, key=lambda k: int(BAND_TRACE.fullmatch(k).group(1)))
-
-
-BAND_TRACE = re.compile(r"curvature/hutch/t(\d+)-\d+/trace_mean")
 
 
 def exploding_curvature(
