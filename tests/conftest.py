@@ -9,8 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # make test runs one pytest-xdist worker per core: each worker, and each process it
 # spawns, then takes its share of the cores instead of all of them (oversubscribed
 # OpenMP threads spin against each other).
-_THREADS = max(1, (os.cpu_count() or 2) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-_THREADS = min(_THREADS, 2)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = min(2, max(1, (os.cpu_count() or 2) // _WORKERS))
 os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 torch.set_num_threads(_THREADS)
 

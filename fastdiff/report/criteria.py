@@ -98,14 +98,25 @@ class WindowTrace:
         return WindowTrace(self.mean * c, mul(self.se), mul(self.probes), mul(self.samples))
 
 
-def _window_terms(run: Run, key: str, steps: np.ndarray) -> np.ndarray | None:
-    """The mean over ``steps`` of a list-valued series, or None unless every step has one
-    of a common length."""
-    got = run.lists(key)
-    rows = [got.get(float(s)) for s in steps]
-    if any(r is None for r in rows) or len({r.shape for r in rows}) != 1:
-        return None
-    return np.mean(rows, axis=0)
+def step_traces(run: Run, key: str) -> dict[float, WindowTrace]:
+    """Every probe step of ``key``: its value, standard error and terms (each None
+    where the run did not log it). One pass over the run's rows."""
+    se_key = stderr_key(key)
+    probes_key, samples_key = (key.replace("_mean", f"_{x}", 1) for x in ("probes", "samples"))
+
+    def terms(row, k):
+        return np.asarray(row[k], float) if k in row else None
+
+    return {
+        float(row["step"]): WindowTrace(
+            float(row[key]),
+            float(row[se_key]) if se_key in row else None,
+            terms(row, probes_key),
+            terms(row, samples_key),
+        )
+        for row in run.rows
+        if key in row
+    }
 
 
 def window_mean(run: Run, key: str, lo: float, hi: float) -> WindowTrace | None:
@@ -115,20 +126,23 @@ def window_mean(run: Run, key: str, lo: float, hi: float) -> WindowTrace | None:
     The probe measures the same batch with the same vectors at every step, so its errors
     are shared from step to step: the window mean's standard error is the mean of the
     steps' (what it is when the errors move together, and an upper bound whatever they
-    do), not theirs ÷ √n."""
-    steps, values = run.series(key)
-    inside = (steps >= lo) & (steps <= hi)
-    if not inside.any():
+    do), not theirs ÷ √n. Every part is a mean over the steps, and is None unless every
+    step in the window has it (the terms also of one length)."""
+    inside = [w for s, w in step_traces(run, key).items() if lo <= s <= hi]
+    if not inside:
         return None
-    se_steps, se_values = run.series(stderr_key(key))
-    se = None
-    if len(se_values) == len(values) and np.array_equal(se_steps, steps):
-        se = float(se_values[inside].mean())
+
+    def mean(parts):
+        if any(p is None for p in parts) or len({np.shape(p) for p in parts}) != 1:
+            return None
+        return np.mean(parts, axis=0)
+
+    se = mean([w.se for w in inside])
     return WindowTrace(
-        float(values[inside].mean()),
-        se,
-        _window_terms(run, key.replace("_mean", "_probes", 1), steps[inside]),
-        _window_terms(run, key.replace("_mean", "_samples", 1), steps[inside]),
+        float(np.mean([w.mean for w in inside])),
+        None if se is None else float(se),
+        mean([w.probes for w in inside]),
+        mean([w.samples for w in inside]),
     )
 
 
@@ -484,12 +498,11 @@ def exploding_curvature(
         keys = band_keys(base) if bands else [TRACE]
         ratios, probed = [], 0
         for key in keys:
-            sb, _ = base.series(key)
-            st, _ = treat.series(key)
-            common = sorted(set(sb[sb >= lo].tolist()) & set(st[st >= lo].tolist()))
+            at_b, at_t = step_traces(base, key), step_traces(treat, key)
+            common = sorted(s for s in at_b.keys() & at_t.keys() if s >= lo)
             probed = max(probed, len(common))
             for s in common:
-                b, t = window_mean(base, key, s, s), window_mean(treat, key, s, s)
+                b, t = at_b[s], at_t[s]
                 if b.mean > 0:  # a ratio to a negative trace says nothing of growth
                     ratios.append((t.mean / b.mean, s, key, t, b))
         if not ratios:

@@ -99,11 +99,6 @@ class Run:
         steps, values = zip(*pts)
         return np.asarray(steps, float), np.asarray(values, float)
 
-    def lists(self, key: str) -> dict[float, np.ndarray]:
-        """The list-valued entries of ``key`` (a probe's per-vector or per-sample terms)
-        by step."""
-        return {float(r["step"]): np.asarray(r[key], float) for r in self.rows if key in r}
-
     def value(self, key: str) -> float | None:
         _, v = self.series(key)
         return float(v[-1]) if len(v) else None
