@@ -112,18 +112,68 @@ def test_spike_count(tmp_path):
     base = make_run(tmp_path / "a", "e5", "uniform", traces=base_tr)
     fewer = make_run(tmp_path / "b", "e6", "minsnr", traces={2000: 100, 3000: 151, 4000: 90})
     same = make_run(tmp_path / "c", "e6", "minsnr", traces={2000: 151, 3000: 152})
-    # limit 150: 1 point vs the baseline's 2, and 2 vs 2. Poisson SE √(1+2), √(2+2): both
-    # intervals of the difference straddle −0.5, whatever the point estimate says
+    # limit 150, probe error 0. 1 spike against the baseline's 2, which come in one run
+    # of 2 steps: variance (1² + ½) + (2² + ½) = 6, compound Poisson with Jeffreys' ½
     one = spike_count([(base, fewer)], **E6["spike_count"])
     assert one.status == INCONCLUSIVE and one.estimate == -1
-    assert one.interval == pytest.approx((-1 - 1.959964 * 3**0.5, -1 + 1.959964 * 3**0.5))
+    assert one.interval == pytest.approx((-1 - 1.959964 * 6**0.5, -1 + 1.959964 * 6**0.5))
     assert spike_count([(base, same)], **E6["spike_count"]).status == INCONCLUSIVE
-    many = {2000 + 100 * i: (100 if i < 25 else 200) for i in range(40)}  # 15 of 40 spike
-    spiky = make_run(tmp_path / "d", "e5", "uniform", traces=many)
-    calm = make_run(tmp_path / "e", "e6", "minsnr", traces={s: 100 for s in many})
-    # 0 vs 15 spikes: −15 ± 1.96·√15 = [−22.6, −7.4], all below −0.5
-    assert spike_count([(spiky, calm)], **E6["spike_count"]).status == PASS
+    steps = [2000 + 100 * i for i in range(40)]
+    calm = make_run(tmp_path / "e", "e6", "minsnr", traces={s: 100 for s in steps})
+    # 15 spikes of 40 points, scattered: 15 events, variance 15 + ½ + ½ (calm's zero):
+    # −15 ± 1.96·4 = [−22.8, −7.2], all below −0.5
+    scattered = {s: (200 if i % 2 and i < 30 else 100) for i, s in enumerate(steps)}
+    spiky = make_run(tmp_path / "d", "e5", "uniform", traces=scattered)
+    crit = spike_count([(spiky, calm)], **E6["spike_count"])
+    assert crit.status == PASS
+    assert crit.interval == pytest.approx((-15 - 1.959964 * 4, -15 + 1.959964 * 4))
     assert spike_count([(calm, spiky)], **E6["spike_count"]).status == FAIL
+    # the same 15 spikes in one burst are one event of 15: −15 ± 1.96·√226 straddles
+    in_one = {s: (200 if i >= 25 else 100) for i, s in enumerate(steps)}
+    burst = make_run(tmp_path / "f", "e5", "uniform", traces=in_one)
+    crit = spike_count([(burst, calm)], **E6["spike_count"])
+    assert crit.status == INCONCLUSIVE and crit.estimate == -15
+    assert crit.interval[1] == pytest.approx(-15 + 1.959964 * 226**0.5)
+    # no spikes in either run is not a zero-width "not fewer": ±1.96·√(½ + ½)
+    quiet = make_run(tmp_path / "g", "e5", "uniform", traces={s: 100 for s in steps})
+    crit = spike_count([(quiet, calm)], **E6["spike_count"])
+    assert crit.status == INCONCLUSIVE and crit.interval == pytest.approx((-1.959964, 1.959964))
+
+
+def test_spike_count_remeasures_the_probe():
+    """K=2 vectors, B=1 sample. The baseline's terms agree (limit 1.5 × 100, exactly);
+    Min-SNR's one point has terms 140 and 170, mean 155, a spike. Resampling the two
+    vectors gives means 140, 155, 155, 170 with chance ¼ each: a spike 3 times in 4, so
+    the count's measurement variance is ¾·¼."""
+    flat = np.array([[100.0], [100.0]])
+    base = _probe_run("e5", "uniform", {s: flat for s in range(2000, 10001, 1000)})
+    treat = _probe_run("e6", "minsnr", {3000: np.array([[140.0], [170.0]])})
+    crit = spike_count([(base, treat)], **E6["spike_count"], reps=40_000)
+    assert crit.estimate == 1
+    se = (1.5 + 0.5 + 3 / 16) ** 0.5
+    assert crit.interval == pytest.approx((1 - 1.959964 * se, 1 + 1.959964 * se), rel=3e-3)
+    assert "re-measured over its 2 vectors and 1 samples, paired" in crit.detail
+
+
+def test_spike_count_pairs_the_arms_shared_probe_error():
+    """Both arms' probe matrices are their trace times one shared (K, 1) matrix: any
+    resampling of the vectors scales every point and the limit alike, so no point
+    crosses it and the measurement part is 0. Without the terms the runs' errors can
+    only be taken as independent, and the interval widens."""
+    shared = np.array([[0.5], [1.0], [1.0], [1.5]])
+    steps = range(2000, 10001, 500)
+    base = _probe_run("e5", "uniform", {s: 100 * shared for s in steps})
+    spikes = {s: (160 if i % 3 == 0 else 100) * shared for i, s in enumerate(steps)}
+    treat = _probe_run("e6", "minsnr", spikes)
+    paired = spike_count([(base, treat)], **E6["spike_count"])
+    n = sum(i % 3 == 0 for i, _ in enumerate(steps))  # 6 isolated spikes
+    assert paired.estimate == n
+    assert paired.interval[1] - n == pytest.approx(1.959964 * (n + 0.5 + 0.5) ** 0.5)
+    for run in (base, treat):
+        run.rows = [{k: v for k, v in r.items() if not isinstance(v, list)} for r in run.rows]
+    unpaired = spike_count([(base, treat)], **E6["spike_count"])
+    assert "shared within each run" in unpaired.detail
+    assert unpaired.interval[1] - n > 1.2 * (paired.interval[1] - n)
 
 
 @pytest.mark.parametrize(

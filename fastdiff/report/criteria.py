@@ -119,6 +119,12 @@ def step_traces(run: Run, key: str) -> dict[float, WindowTrace]:
     }
 
 
+def _window_steps(run: Run, key: str, lo: float, hi: float) -> list[WindowTrace]:
+    """The probe steps of ``key`` in [lo, hi], in step order."""
+    at = step_traces(run, key)
+    return [at[s] for s in sorted(at) if lo <= s <= hi]
+
+
 def window_mean(run: Run, key: str, lo: float, hi: float) -> WindowTrace | None:
     """Mean of ``key`` over steps [lo, hi], its standard error and its terms (None if
     the run has no value in the window).
@@ -128,7 +134,7 @@ def window_mean(run: Run, key: str, lo: float, hi: float) -> WindowTrace | None:
     steps' (what it is when the errors move together, and an upper bound whatever they
     do), not theirs ÷ √n. Every part is a mean over the steps, and is None unless every
     step in the window has it (the terms also of one length)."""
-    inside = [w for s, w in step_traces(run, key).items() if lo <= s <= hi]
+    inside = _window_steps(run, key, lo, hi)
     if not inside:
         return None
 
@@ -295,24 +301,99 @@ def curvature_reduction(
     )
 
 
-def spike_count(pairs: list[Pair], lo: float, hi: float, factor: float) -> Criterion:
+def cluster_sizes(above: np.ndarray) -> list[int]:
+    """Lengths of the runs of consecutive True in ``above``."""
+    sizes, size = [], 0
+    for a in np.asarray(above, bool).tolist() + [False]:
+        if a:
+            size += 1
+        elif size:
+            sizes.append(size)
+            size = 0
+    return sizes
+
+
+def count_variance(above: np.ndarray) -> float:
+    """The variance of a spike count. Spikes come in runs (the trajectory and the probe's
+    shared error both move slowly), so each run of consecutive spiking probe steps is one
+    event of its size: compound Poisson, Σ size². The ½ is the Jeffreys prior's: a run
+    with no spikes still has an unknown, not a zero, spike rate."""
+    return float(sum(m * m for m in cluster_sizes(above))) + 0.5
+
+
+def resampled_counts(
+    base: list[WindowTrace], treat: list[WindowTrace], factor: float, reps: int, seed: int = 0
+) -> tuple[np.ndarray, str] | None:
+    """The spike-count difference nt − nb re-measured ``reps`` times, its limit
+    (``factor`` × the baseline's median) re-derived each time, with how.
+
+    Where both runs logged every step's terms, the probe vectors and samples are
+    resampled once per replicate and used at every step of both runs, as the probe
+    uses them: value* = mean(probes[i*]) + mean(samples[j*]) − mean (the two error
+    sources of summarize()). Else each run's values move by one shared draw of their
+    standard errors, z·seₛ (the steps' errors moving together, as window_mean assumes).
+    None when a step has neither."""
+    rng = np.random.default_rng(seed)
+    both = base + treat
+    mean = np.array([w.mean for w in both])[:, None]  # (S, 1)
+    shapes = {(np.shape(w.probes), np.shape(w.samples)) for w in both}
+    if all(w.probes is not None and w.samples is not None for w in both) and len(shapes) == 1:
+        probes = np.stack([w.probes for w in both])  # (S, K)
+        samples = np.stack([w.samples for w in both])  # (S, B)
+        iv = rng.integers(0, probes.shape[1], (reps, probes.shape[1]))
+        js = rng.integers(0, samples.shape[1], (reps, samples.shape[1]))
+        values = probes[:, iv].mean(-1) + samples[:, js].mean(-1) - mean  # (S, reps)
+        k, b = probes.shape[1], samples.shape[1]
+        how = f"probe re-measured over its {k} vectors and {b} samples, paired"
+    elif all(w.se is not None for w in both):
+        se = np.array([w.se for w in both])[:, None]
+        z = np.concatenate(
+            [np.repeat(rng.standard_normal((1, reps)), len(run), 0) for run in (base, treat)]
+        )
+        values = mean + z * se
+        how = "probe error from the steps' standard errors, shared within each run"
+    else:
+        return None
+    vb, vt = values[: len(base)], values[len(base) :]
+    limit = factor * np.median(vb, axis=0)
+    return (vt > limit).sum(0) - (vb > limit).sum(0), how
+
+
+def _sizes(above: np.ndarray) -> str:
+    return "+".join(map(str, cluster_sizes(above))) or "none"
+
+
+def spike_count(
+    pairs: list[Pair], lo: float, hi: float, factor: float, reps: int = 2000
+) -> Criterion:
     """W1-E6: fewer points above ``factor`` × the baseline's median trace in [lo, hi]:
-    the difference of the counts, with a Poisson standard error √(n_t + n_b)."""
+    the difference of the counts. Its one-seed standard error has two parts: the
+    spikes' own chance (compound Poisson over runs of consecutive spikes,
+    count_variance) and the probe's measurement error, which moves points across the
+    limit and the limit itself (resampled_counts)."""
     base0 = pairs[0][0]
     lo_s, hi_s = scale_steps(base0, lo), scale_steps(base0, hi)
 
     def measure(base: Run, treat: Run):
-        b = window(*base.series(TRACE), lo_s, hi_s)
-        t = window(*treat.series(TRACE), lo_s, hi_s)
-        if not len(b) or not len(t):
+        b = _window_steps(base, TRACE, lo_s, hi_s)
+        t = _window_steps(treat, TRACE, lo_s, hi_s)
+        if not b or not t:
             return None
-        limit = factor * float(np.median(b))
-        nb, nt = int((b > limit).sum()), int((t > limit).sum())
-        return Measure(
-            nt - nb,
-            float(np.sqrt(nt + nb)),
-            f"limit {limit:.4g}: {treat.name} {nt}/{len(t)} points, {base.name} {nb}/{len(b)}",
-        )
+        vb, vt = np.array([w.mean for w in b]), np.array([w.mean for w in t])
+        limit = factor * float(np.median(vb))
+        above_b, above_t = vb > limit, vt > limit
+        nb, nt = int(above_b.sum()), int(above_t.sum())
+        var = count_variance(above_b) + count_variance(above_t)
+        detail = f"limit {limit:.4g}: {treat.name} {nt}/{len(t)} points, {base.name} {nb}/{len(b)}"
+        detail += f"; runs of consecutive spikes {_sizes(above_t)} vs {_sizes(above_b)}"
+        remeasured = resampled_counts(b, t, factor, reps)
+        if remeasured is None:
+            detail += "; the probe's own error unknown (no standard errors logged), left out"
+        else:
+            diffs, how = remeasured
+            var += float(diffs.var())
+            detail += f"; {how}"
+        return Measure(nt - nb, float(np.sqrt(var)), detail)
 
     return judge(
         f"fewer spikes > {factor}× the baseline's median trace (steps {lo_s:g}–{hi_s:g})",
