@@ -7,6 +7,7 @@ suite runs once, untimed, in seconds and never rots; `make bench` runs the real 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -65,3 +66,29 @@ def peer_unet(ch: int, size: int):
         attention_head_dim=None,
         norm_num_groups=32,
     )
+
+
+def interleaved(benchmark, steps: dict, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Time ``steps`` (name → callable) taking turns, one call each per round, the order
+    rotated each round so none always runs first; pytest-benchmark times the round.
+    The machine's speed drifts over seconds (fastdiff's batch-4 step measured 175 ms
+    and 280 ms on one VM ten minutes apart): calls of one round share the drift, so
+    their ratio does not, and the rounds give it an interval (benches.ratios.paired_ratio).
+    Returns each step's times over the timed rounds."""
+    times = {name: [] for name in steps}
+    order = list(steps)
+
+    def one_round():
+        for name in order:
+            t0 = time.perf_counter()
+            steps[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        order.append(order.pop(0))
+
+    for _ in range(warmup):
+        one_round()
+    for t in times.values():
+        t.clear()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    return times

@@ -10,6 +10,10 @@ import json
 import platform
 from pathlib import Path
 
+import numpy as np
+
+from fastdiff.stats import t_interval
+
 
 def load(path: Path) -> tuple[dict[str, dict], dict]:
     data = json.loads(path.read_text())
@@ -18,6 +22,22 @@ def load(path: Path) -> tuple[dict[str, dict], dict]:
 
 def median(b: dict) -> float:
     return b["stats"]["median"]
+
+
+def paired_ratio(ours, theirs, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """theirs / ours from steps timed in the same rounds: the geometric mean of the
+    per-round ratios and its Student-t interval over rounds (on the log scale, where a
+    drift that slows both sides of a round cancels). No interval from one round."""
+    logs = np.log(np.asarray(theirs, float) / np.asarray(ours, float))
+    if len(logs) < 2:
+        return float(np.exp(logs.mean())), None, None
+    mean, lo, hi, _ = t_interval(logs, level)
+    return float(np.exp(mean)), float(np.exp(lo)), float(np.exp(hi))
+
+
+def ratio_text(r: list) -> str:
+    est, lo, hi = r
+    return f"{est:.2f}×" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
 
 
 def precision_label(precision: str, bench: dict) -> str:
@@ -37,51 +57,51 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
     def add(what: str, ratio: str, absolute: str = "") -> None:
         rows.append((what, ratio, absolute))
 
+    peers = {
+        "diffusers": "diffusers (as its users run it)",
+        "diffusers-reuse": "diffusers with fastdiff's allocator setting",
+    }
     for batch in (4, 128, 2):
         for precision in ("amp", "fp32"):
-            ours = get(f"test_fastdiff_train_step[eager-{precision}-{batch}]")
-            comp = get(f"test_fastdiff_train_step[compiled-{precision}-{batch}]")
-            if not ours:
+            bench = get(f"test_train_step[{precision}-{batch}]")
+            if not bench:
                 continue
-            setting = f"batch {batch}, {precision_label(precision, ours)}"
-            for peer, how in (
-                ("test_diffusers_train_step", "diffusers (as its users run it)"),
-                (
-                    "test_diffusers_train_step_reusing_memory",
-                    "diffusers with fastdiff's allocator setting",
-                ),
-            ):
-                theirs = get(f"{peer}[{precision}-{batch}]")
-                if theirs:
+            info = bench["extra_info"]
+            ours = info["median_s"]["fastdiff"]
+            setting = f"batch {batch}, {precision_label(precision, bench)}"
+            rounds = len(info["step_s"]["fastdiff"])
+            for kind, how in peers.items():
+                if kind in info["vs_fastdiff"]:
                     add(
-                        f"train step, {setting}: {how} / fastdiff eager",
-                        f"{median(theirs) / median(ours):.2f}×",
-                        f"{median(ours) * 1e3:.0f} ms vs {median(theirs) * 1e3:.0f} ms",
+                        f"train step, {setting}: {how} / fastdiff eager ({rounds} rounds)",
+                        ratio_text(info["vs_fastdiff"][kind]),
+                        f"{ours * 1e3:.0f} ms vs {info['median_s'][kind] * 1e3:.0f} ms",
                     )
-            if ours["extra_info"].get("flops"):
-                achieved = ours["extra_info"]["flops"] / median(ours)
-                peak = ours["extra_info"].get("peak_flops")
+            if info.get("flops"):
+                achieved = info["flops"] / ours
+                peak = info.get("peak_flops")
                 add(
                     f"train step, {setting}: model FLOP/s (fastdiff eager)",
                     f"MFU {achieved / peak:.1%}" if peak else "no peak known: no MFU",
-                    f"{achieved / 1e9:,.0f} GFLOP/s of {ours['extra_info']['flops'] / 1e9:.1f} "
-                    "GFLOP per step",
+                    f"{achieved / 1e9:,.0f} GFLOP/s of {info['flops'] / 1e9:.1f} GFLOP per step",
                 )
-            if comp:
+            if "fastdiff-compiled" in info["vs_fastdiff"]:
+                est, lo, hi = info["vs_fastdiff"]["fastdiff-compiled"]
                 add(
                     f"train step, {setting}: eager / compiled",
-                    f"{median(ours) / median(comp):.2f}×",
-                    f"{median(comp) * 1e3:.0f} ms compiled",
+                    ratio_text([1 / est] + ([None, None] if lo is None else [1 / hi, 1 / lo])),
+                    f"{info['median_s']['fastdiff-compiled'] * 1e3:.0f} ms compiled",
                 )
     for sampler, nfe in (("ddpm", 50), ("ddim", 20), ("ddpm", 3), ("ddim", 3)):
         s = get(f"test_sampler[{sampler}-{nfe}]")
-        f = get(f"test_bare_forward[{nfe}]")
-        if s and f:
-            per_image = median(s) / s["extra_info"]["images"]
+        if s:
+            info = s["extra_info"]
+            est = info["overhead"][0]
             add(
-                f"{sampler} NFE {s['extra_info']['nfe']}: sampler / bare forward",
-                f"{median(s) / median(f):.3f}× (overhead {(median(s) / median(f) - 1):+.1%})",
-                f"{per_image * 1e3:.1f} ms per image",
+                f"{sampler} NFE {info['nfe']}: sampler / bare forward "
+                f"({len(info['step_s']['sampler'])} rounds)",
+                f"{ratio_text(info['overhead'])} (overhead {est - 1:+.1%})",
+                f"{info['median_s']['sampler'] / info['images'] * 1e3:.1f} ms per image",
             )
     lp = get("test_hutchinson_loop")
     for method in ("taylor", "jvp"):
@@ -93,11 +113,11 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                 f"{method} {median(vm):.1f} s, loop {median(lp):.1f} s",
             )
     vm = get("test_hutchinson_probe[taylor]")
-    step = get("test_fastdiff_train_step[eager-amp-4]")
+    step = get("test_train_step[amp-4]")
     if vm and step:
         add(
             "Hutchinson probe cost in training steps (batch 4, the cards' AMP setting)",
-            f"{median(vm) / median(step):.0f} steps",
+            f"{median(vm) / step['extra_info']['median_s']['fastdiff']:.0f} steps",
             "",
         )
     for w in (0, 1, 2):
@@ -108,6 +128,19 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                 f"{b['extra_info']['images'] / median(b):,.0f} images/s",
                 "",
             )
+    for k in (2, 4, 8):
+        for precision in ("amp", "fp32"):
+            fused = get(f"test_fused_vs_sequential[{k}-{precision}]")
+            if fused:
+                info = fused["extra_info"]
+                rounds = len(info["step_s"]["fused"])
+                add(
+                    f"K={k} runs at batch 4, {'AMP' if precision == 'amp' else 'fp32'}: "
+                    f"{k} sequential steps / one fused step ({rounds} rounds)",
+                    ratio_text(info["sequential_over_fused"]),
+                    f"fused {info['median_s']['fused'] * 1e3:.0f} ms, "
+                    f"sequential {info['median_s']['sequential'] * 1e3:.0f} ms",
+                )
     ema, per_tensor = get("test_ema_update[flat]"), get("test_ema_update[per_tensor]")
     if ema and per_tensor:
         add(
@@ -132,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, "
         f"{machine.get('system', platform.system())}, Python "
         f"{machine.get('python_version', platform.python_version())}. "
-        f"Source: `{args.json}` (one pytest-benchmark run; medians).",
+        f"Source: `{args.json}` (one pytest-benchmark run; medians). Train-step ratios: "
+        "the steps interleaved round by round, the geometric mean of the rounds' ratios "
+        "with its 95% t-interval over rounds.",
         "",
         "| what | ratio | absolute |",
         "|---|---|---|",

@@ -2,19 +2,23 @@
 against the same K runs stepped one after another, at the cards' batch 4.
 
 Both sides do the whole step (data, noising, forward, backward, each run's update and
-EMA), so the ratio is what a study gains by training its arm-seeds together."""
+EMA), so the ratio is what a study gains by training its arm-seeds together. The two
+take turns in one process, one step each per round, so the ratio of each round is
+taken at one moment of the machine's drifting speed."""
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from benches._setup import DEVICE, SMOKE, sync
+from benches._setup import DEVICE, SMOKE, interleaved
+from benches.ratios import paired_ratio
 from fastdiff.config import compose, to_config
 
 KS = [2] if SMOKE else [2, 4]
-ROUNDS = 1 if SMOKE else 3
+ROUNDS = 1 if SMOKE else 8
 
 
 def k_run_configs(k: int, precision: str, root, smoke: bool = SMOKE):
@@ -45,32 +49,35 @@ def k_run_configs(k: int, precision: str, root, smoke: bool = SMOKE):
 
 @pytest.mark.parametrize("precision", ["fp32", "amp"])
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("mode", ["fused", "sequential"])
-def test_k_runs_step(benchmark, tmp_path, mode, k, precision):
+def test_fused_vs_sequential(benchmark, tmp_path, k, precision):
+    """One fused step of K runs and K standalone steps, interleaved round by round (the
+    order rotated) so both see the machine's speed of the moment. The timed round is
+    both; their step times and the paired ratio sequential / fused are in extra_info."""
     from fastdiff.fused import FusedRuns
     from fastdiff.trainer import Trainer
 
     AcceleratorState._reset_state()
-    cfgs = k_run_configs(k, precision, tmp_path)
-    if mode == "fused":
-        runs = FusedRuns(cfgs)
-        step = runs.step
-    else:
-        trainers = []
-        for cfg in cfgs:
-            trainers.append(Trainer(cfg))
+    fused = FusedRuns(k_run_configs(k, precision, tmp_path / "fused"))
+    trainers = [Trainer(cfg) for cfg in k_run_configs(k, precision, tmp_path / "sequential")]
+    counters = itertools.count(), itertools.count()
 
-        def step(s):
-            return [t.train_step(s) for t in trainers]
+    def fused_step():
+        fused.step(next(counters[0]))[-1].loss.item()
 
-    counter = itertools.count()
-    step(next(counter))  # warm-up
+    def sequential_steps():
+        s = next(counters[1])
+        for trainer in trainers:
+            out = trainer.train_step(s)
+        out.loss.item()
 
-    def run():
-        outs = step(next(counter))
-        outs[-1].loss.item()
-        sync()
-
-    benchmark.extra_info.update(k=k, precision=precision, device=str(DEVICE))
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-    assert all(torch.isfinite(o.loss) for o in step(next(counter)))
+    steps = {"fused": fused_step, "sequential": sequential_steps}
+    times = interleaved(benchmark, steps, rounds=ROUNDS, warmup=1)
+    benchmark.extra_info.update(
+        k=k,
+        precision=precision,
+        device=str(DEVICE),
+        step_s=times,
+        median_s={kind: float(np.median(t)) for kind, t in times.items()},
+        sequential_over_fused=list(paired_ratio(times["fused"], times["sequential"])),
+    )
+    assert all(torch.isfinite(o.loss) for o in fused.step(next(counters[0])))

@@ -2,11 +2,13 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benches._setup import DEVICE, MODEL, SMOKE, sync
+from benches._setup import DEVICE, MODEL, SMOKE, interleaved, sync
+from benches.ratios import paired_ratio
 from fastdiff.curvature import CurvatureProbe
 from fastdiff.diffusion import Schedule, eps_mse
 from fastdiff.ema import EMA
@@ -17,6 +19,7 @@ from fastdiff.unet import build_model
 
 SAMPLE_BATCH = 2 if SMOKE else 16
 ROUNDS = 1 if SMOKE else 2
+SAMPLER_ROUNDS = 1 if SMOKE else 4
 
 
 @pytest.fixture(scope="module")
@@ -27,34 +30,34 @@ def model():
 
 @pytest.mark.parametrize("sampler, nfe", [("ddpm", 50), ("ddim", 20)])
 def test_sampler(benchmark, model, sampler, nfe):
+    """The sampler against the model's own time for it, nfe bare no_grad forward passes
+    on the same batch, interleaved round by round: the sampler's overhead
+    (sampler / forward, with its interval) is in extra_info."""
     nfe = 3 if SMOKE else nfe
     fn = {"ddpm": ddpm_sample, "ddim": ddim_sample}[sampler]
     sched = Schedule.make("linear", 1000)
     shape = (SAMPLE_BATCH, 3, MODEL[2], MODEL[2])
-
-    def run():
-        fn(model, shape, sched, nfe, torch.Generator().manual_seed(0))
-        sync()
-
-    benchmark.extra_info.update(images=SAMPLE_BATCH, nfe=nfe)
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
-
-
-@pytest.mark.parametrize("nfe", [50, 20])
-def test_bare_forward(benchmark, model, nfe):
-    """The model's own time for the sampler benches above: nfe forward passes, no_grad."""
-    nfe = 3 if SMOKE else nfe
-    x = torch.randn(SAMPLE_BATCH, 3, MODEL[2], MODEL[2], device=DEVICE)
+    x = torch.randn(shape, device=DEVICE)
     t = torch.full((SAMPLE_BATCH,), 10, device=DEVICE)
 
+    def sample():
+        fn(model, shape, sched, nfe, torch.Generator().manual_seed(0))
+
     @torch.no_grad()
-    def run():
+    def forward():
         for _ in range(nfe):
             model(x, t)
-        sync()
 
-    benchmark.extra_info.update(images=SAMPLE_BATCH, nfe=nfe)
-    benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+    with torch.no_grad():
+        model(x, t)  # oneDNN builds its primitives for these shapes on the first call
+    times = interleaved(benchmark, {"sampler": sample, "forward": forward}, SAMPLER_ROUNDS, 0)
+    benchmark.extra_info.update(
+        images=SAMPLE_BATCH,
+        nfe=nfe,
+        median_s={name: float(np.median(v)) for name, v in times.items()},
+        step_s=times,
+        overhead=list(paired_ratio(times["forward"], times["sampler"])),
+    )
 
 
 @pytest.mark.parametrize("layout", ["flat", "per_tensor"])

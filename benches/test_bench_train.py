@@ -1,8 +1,10 @@
 """The whole training step: fastdiff (eager, compiled) vs the diffusers peer, same run.
 
-Each step runs in a fresh worker process (``benches/_worker.py``), timed here by
-pytest-benchmark around a pipe round trip (a few tens of microseconds against steps
-of 0.1 s and more), so no bench inherits another's process state.
+Each kind of step runs in a fresh worker process of its own (``benches/_worker.py``),
+so none inherits another's process state, and the workers take turns, one step each
+per round: the ratios come from steps that shared the machine's state of the moment
+(``benches._setup.interleaved``). pytest-benchmark times the round; the per-step times are in
+the bench's extra_info.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benches._setup import BATCHES, DEVICE, SMOKE
+from benches._setup import BATCHES, DEVICE, SMOKE, interleaved
+from benches.ratios import paired_ratio
 
 COMPILE = DEVICE.type == "cuda" or os.environ.get("FASTDIFF_BENCH_COMPILE") == "1"
 # "amp": the cards' setting (AMP on), whatever it means on this device (bf16 autocast
@@ -25,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Worker:
-    """A ``benches._worker`` process: ``facts`` once it is warm, ``step()`` per step."""
+    """A ``benches._worker`` process: ``facts`` once it is warm, ``step()`` per step.
+    It starts on construction and is waited for on the first ``facts``, so several
+    workers start up side by side."""
 
     def __init__(self, kind: str, batch: int, precision: str, compile_: bool, run_dir: Path):
         self.args = [kind, str(batch), precision, "1" if compile_ else "0", str(run_dir)]
@@ -36,7 +42,13 @@ class Worker:
             text=True,
             cwd=ROOT,
         )
-        self.facts = json.loads(self._read())
+        self._facts = None
+
+    @property
+    def facts(self) -> dict:
+        if self._facts is None:
+            self._facts = json.loads(self._read())
+        return self._facts
 
     def _read(self) -> str:
         line = self.proc.stdout.readline()
@@ -56,44 +68,51 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def time_worker(benchmark, tmp_path, kind, batch, precision, compile_=False) -> dict:
-    worker = Worker(kind, batch, precision, compile_, tmp_path)
+# Worker kinds of one round, each a fresh process: fastdiff as it trains, the peer as
+# its users run it, and the peer with fastdiff's allocator setting.
+KINDS = ["fastdiff", "diffusers", "diffusers-reuse"]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_train_step(benchmark, tmp_path, precision, batch):
+    """fastdiff's eager step against diffusers' UNet2DModel laid out as the DDPM CIFAR UNet
+    (its train_unconditional example's step), interleaved step by step; the compiled
+    step joins the rounds where it compiles in reasonable time. The timed round is all
+    of them; each one's step times, medians and paired ratios are in extra_info."""
+    kinds = KINDS + (["fastdiff-compiled"] if COMPILE else [])
+    workers = {}
     try:
-        if "skip" in worker.facts:
-            pytest.skip(worker.facts["skip"])
-        benchmark.extra_info.update(worker.facts, batch=batch)
-        benchmark.pedantic(
-            worker.step, rounds=1 if SMOKE else 5, iterations=1, warmup_rounds=0 if SMOKE else 1
+        for kind in kinds:
+            compiled = kind == "fastdiff-compiled"
+            workers[kind] = Worker(
+                "fastdiff" if compiled else kind, batch, precision, compiled, tmp_path / kind
+            )
+        for worker in workers.values():
+            if "skip" in worker.facts:
+                pytest.skip(worker.facts["skip"])
+        ours, theirs = workers["fastdiff"].facts["params"], workers["diffusers"].facts["params"]
+        if not SMOKE:
+            assert abs(theirs - ours) / ours < 0.02, f"params: fastdiff {ours:,} peer {theirs:,}"
+        small = batch <= 4
+        times = interleaved(
+            benchmark,
+            {kind: worker.step for kind, worker in workers.items()},
+            rounds=1 if SMOKE else (20 if small else 6),
+            warmup=0 if SMOKE else (3 if small else 1),
         )
-        return worker.facts
     finally:
-        worker.close()
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_diffusers_train_step(benchmark, tmp_path, precision, batch):
-    """The peer as its users run it: diffusers' UNet2DModel laid out as the DDPM CIFAR
-    UNet, glibc's default allocator."""
-    facts = time_worker(benchmark, tmp_path, "diffusers", batch, precision)
-    ours, theirs = facts["fastdiff_params"], facts["params"]
-    print(f"\nparams: fastdiff {ours:,} diffusers {theirs:,}")
-    if not SMOKE:
-        assert abs(theirs - ours) / ours < 0.02
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-def test_fastdiff_train_step(benchmark, tmp_path, mode, precision, batch):
-    if mode == "compiled" and not COMPILE:
-        pytest.skip("compiled step on CPU takes minutes to compile: FASTDIFF_BENCH_COMPILE=1")
-    time_worker(benchmark, tmp_path, "fastdiff", batch, precision, mode == "compiled")
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("precision", PRECISIONS)
-def test_diffusers_train_step_reusing_memory(benchmark, tmp_path, precision, batch):
-    """The peer with fastdiff's allocator setting (fastdiff.tuning): how much of the
-    difference is the step itself."""
-    time_worker(benchmark, tmp_path, "diffusers-reuse", batch, precision)
+        for worker in workers.values():
+            worker.close()
+    benchmark.extra_info.update(
+        workers["fastdiff"].facts,
+        batch=batch,
+        peer_params=theirs,
+        step_s={kind: t for kind, t in times.items()},
+        median_s={kind: float(np.median(t)) for kind, t in times.items()},
+        vs_fastdiff={
+            kind: list(paired_ratio(times["fastdiff"], t))
+            for kind, t in times.items()
+            if kind != "fastdiff"
+        },
+    )
