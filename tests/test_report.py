@@ -25,6 +25,7 @@ from fastdiff.report import (
     write_report,
 )
 from fastdiff.report.criteria import THRESHOLDS, recall_kept
+from fastdiff.report.plots import paired_ratios
 from tests.conftest import tiny
 
 E6, E9 = THRESHOLDS["e6"], THRESHOLDS["e9"]
@@ -316,10 +317,11 @@ def test_report_files_and_plots(tmp_path):
     md = write_report([base, treat], tmp_path / "out")
     text = md.read_text()
     assert "MS1-e9" in text and "✅ pass" in text
-    for png in ("loss.png", "curvature.png", "fid.png", "weights.png", "sample_stats.png"):
+    pngs = ("loss.png", "curvature.png", "curvature_ratio.png", "fid.png", "weights.png")
+    for png in pngs + ("sample_stats.png",):
         assert (tmp_path / "out" / png).stat().st_size > 5000
     html = (tmp_path / "out" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     # real Markdown: the criteria table with its header, code spans, no literal backticks
     assert "<th>criterion</th>" in html and "<code>" in html and "`" not in html
     verdicts = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -540,6 +542,31 @@ def test_one_seed_pairs_the_arms_over_their_shared_probe_terms():
     assert crit.estimate == pytest.approx(8.5 / 11 - 1)
     assert crit.interval == pytest.approx((r - 1 - half, r - 1 + half), rel=1e-9)
     assert "paired over 2 probe vectors and 3 samples" in crit.detail
+
+
+def test_curvature_ratio_plot_pairs_each_probe_step():
+    """The per-step ratio the plot draws: at 8000 the hand-computed paired interval of
+    the test above; at 9000 no terms, so the runs' SEs as independent; the baseline's
+    negative trace at 7000 has no ratio."""
+    base_m = np.array([[9.0, 10.0, 11.0], [9.0, 12.0, 15.0]])
+    treat_m = np.array([[7.0, 8.0, 9.0], [7.0, 9.0, 11.0]])
+    base = _probe_run("e5", "uniform", {7000: -base_m, 8000: base_m, 9000: base_m})
+    treat = _probe_run("e6", "minsnr", {7000: treat_m, 8000: treat_m, 9000: treat_m})
+    for run in (base, treat):
+        run.rows[2] = {k: v for k, v in run.rows[2].items() if not isinstance(v, list)}
+    steps, ratio, lo, hi = paired_ratios(base, treat, "curvature/hutch_trace_mean")
+    r = 8.5 / 11
+    zp = [(8 - r * 10) / 11, (9 - r * 12) / 11]
+    zs = [(7 - r * 9) / 11, (8.5 - r * 11) / 11, (10 - r * 13) / 11]
+    vp, vs = np.var(zp, ddof=1) / 2, np.var(zs, ddof=1) / 3
+    half = scipy.stats.t.ppf(0.975, (vp + vs) ** 2 / (vp**2 / 1 + vs**2 / 2)) * (vp + vs) ** 0.5
+    assert list(steps) == [8000, 9000] and ratio == pytest.approx([r, r])
+    assert (lo[0], hi[0]) == pytest.approx((r - half, r + half), rel=1e-9)
+    # unpaired: SEs from summarize() (probes and samples in quadrature), independent
+    se_t = np.hypot(np.std([8, 9], ddof=1) / 2**0.5, np.std([7, 8.5, 10], ddof=1) / 3**0.5)
+    se_b = np.hypot(np.std([10, 12], ddof=1) / 2**0.5, np.std([9, 11, 13], ddof=1) / 3**0.5)
+    se = r * np.hypot(se_t / 8.5, se_b / 11)
+    assert (lo[1], hi[1]) == pytest.approx((r - 1.959964 * se, r + 1.959964 * se), rel=1e-6)
 
 
 @pytest.mark.parametrize("shared", [0.0, 0.9])

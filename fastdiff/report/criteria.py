@@ -296,7 +296,7 @@ def curvature_reduction(
         measure,
         -threshold,
         True,
-        "curvature.png",
+        "curvature_ratio.png",
         missing=f"no {key} in steps {lo_s:g}–{hi_s:g} of one of the runs",
     )
 
@@ -607,9 +607,8 @@ def exploding_curvature(
             f"after step {lo:g})"
         )
         missing = f"no common probe steps ≥ {lo:g} with {TRACE}"
-    return judge(
-        name, by_seed(pairs), measure, factor, True, "curvature.png", _times, missing=missing
-    )
+    figure = "curvature.png" if bands else "curvature_ratio.png"
+    return judge(name, by_seed(pairs), measure, factor, True, figure, _times, missing=missing)
 
 
 def loss_pathology(pairs: list[Pair], factor: float) -> Criterion:
@@ -781,7 +780,7 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
         linear = pairs_of(runs, "linear")
         if linear:
             crits.append(fid_gap_persists(linear, pairs))
-    unw = curvature_reduction(pairs, **window, key=TRACE_UNW, base_key=_unweighted_key(base))
+    unw = curvature_reduction(pairs, **window, key=TRACE_UNW, base_key=unweighted_key(base))
     rescaled = curvature_reduction(pairs, **window, divide_by_mean_weight=True)
     crits += [unw, rescaled]
     notes.append(confound_sentence(card_crit, unw, rescaled))
@@ -798,6 +797,6 @@ def card_crit_lo(card: str) -> float:
     return THRESHOLDS[card]["curvature_reduction"]["lo"]
 
 
-def _unweighted_key(base: Run) -> str:
+def unweighted_key(base: Run) -> str:
     """A uniform baseline's trace is already the unweighted one."""
     return TRACE_UNW if base.series(TRACE_UNW)[0].size else TRACE

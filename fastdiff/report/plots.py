@@ -9,6 +9,9 @@ import numpy as np
 from fastdiff.diffusion import Schedule, snr
 from fastdiff.report.criteria import (
     stderr_key,
+    step_traces,
+    trace_measure,
+    unweighted_key,
 )
 from fastdiff.report.runs import (
     FID_FINAL,
@@ -17,8 +20,10 @@ from fastdiff.report.runs import (
     TRACE_UNW,
     Run,
     group_arms,
+    pairs_of,
 )
 from fastdiff.stats import (
+    normal_interval,
     t_interval,
 )
 
@@ -56,6 +61,28 @@ def trace_band(runs: list[Run], key: str):
     bands = [t_interval(r) for r in rows]
     m, lo, hi = (np.array([b[i] for b in bands]) for i in range(3))
     return np.array(common), m, lo, hi, f"(mean of {len(series)} seeds, 95% t)"
+
+
+def paired_ratios(base: Run, treat: Run, key: str, base_key: str | None = None):
+    """(steps, ratio, lo, hi) of treat's trace over base's at every probe step both
+    have (base's trace > 0), with the 95% interval of each step's comparison: paired
+    over the probe terms the arms share where they logged them, else from the runs'
+    standard errors as independent (NaN where there are none). None without a step.
+
+    Each arm's own band carries the probe error the two share, so the bands overlap
+    even where the paired comparison tells the arms apart; this is the view of the
+    question "has the trajectory changed, or is it noise?"."""
+    at_b, at_t = step_traces(base, base_key or key), step_traces(treat, key)
+    common = sorted(s for s in at_b.keys() & at_t.keys() if at_b[s].mean > 0)
+    if not common:
+        return None
+    out = []
+    for s in common:
+        t, b = at_t[s], at_b[s]
+        m = trace_measure(t, b, t.mean / b.mean, "", ratio=True)
+        lo, hi = (np.nan, np.nan) if m.se is None else normal_interval(m.value, m.se, df=m.df)
+        out.append((s, m.value, lo, hi))
+    return tuple(np.array(col, float) for col in zip(*out))
 
 
 def loss_by_t(runs: list[Run]):
@@ -127,6 +154,30 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
         for ax in axes:
             ax.legend(fontsize=7)
         save(fig, "curvature.png")
+
+    pairs = pairs_of(runs)
+    if pairs and any(len(r.series(TRACE)[0]) for pair in pairs for r in pair):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for color, (base, treat) in zip(COLORS, pairs):
+            for ax, key, base_key in (
+                (axes[0], TRACE, TRACE),
+                (axes[1], TRACE_UNW, unweighted_key(base)),
+            ):
+                got = paired_ratios(base, treat, key, base_key)
+                if got is None:
+                    continue
+                s, r, lo, hi = got
+                ax.plot(s, r, marker="o", ms=3, color=color, label=f"seed {base.seed}")
+                ax.fill_between(s, lo, hi, color=color, alpha=0.2)
+        for ax, what in zip(axes, ("weighted", "unweighted")):
+            ax.axhline(1.0, color="0.4", lw=0.8, label="1: no change")
+            ax.axhline(0.85, color="0.6", lw=0.8, ls="--", label="the cards' 15% lower")
+            ax.set(
+                title=f"{what} trace: Min-SNR / vanilla per probe step (95%, paired)",
+                xlabel="step",
+            )
+            ax.legend(fontsize=7)
+        save(fig, "curvature_ratio.png")
 
     by_t = [(arm_runs, loss_by_t(arm_runs)) for arm_runs in arms.values()]
     by_t = [(a, b) for a, b in by_t if b is not None]
