@@ -103,22 +103,28 @@ def ratio_rows(benches: dict[str, dict]) -> list[tuple[str, str, str]]:
                 f"{ratio_text(info['overhead'])} (overhead {est - 1:+.1%})",
                 f"{info['median_s']['sampler'] / info['images'] * 1e3:.1f} ms per image",
             )
-    lp = get("test_hutchinson_loop")
-    for method in ("taylor", "jvp"):
-        vm = get(f"test_hutchinson_probe[{method}]")
-        if vm and lp:
+    hutch = get("test_hutchinson")
+    if hutch:
+        info = hutch["extra_info"]
+        rounds = len(info["step_s"]["loop"])
+        for method in ("taylor", "jvp"):
             add(
-                f"Hutchinson, K={vm['extra_info']['probes']}: loop / batched probe ({method})",
-                f"{median(lp) / median(vm):.2f}×",
-                f"{method} {median(vm):.1f} s, loop {median(lp):.1f} s",
+                f"Hutchinson, K={info['probes']}: loop / batched probe ({method}, {rounds} rounds)",
+                ratio_text(info["loop_over"][method]),
+                f"{method} {info['median_s'][method]:.1f} s, loop {info['median_s']['loop']:.1f} s",
             )
-    vm = get("test_hutchinson_probe[taylor]")
+        add(
+            "Hutchinson: a Min-SNR run's probe set (weighted, unweighted, 4 t-bins) / one trace",
+            ratio_text(info["probe_set_over_taylor"]),
+            f"{info['median_s']['probe_set']:.1f} s",
+        )
     step = get("test_train_step[amp-4]")
-    if vm and step:
+    if hutch and step:
+        taylor = hutch["extra_info"]["median_s"]["taylor"]
         add(
             "Hutchinson probe cost in training steps (batch 4, the cards' AMP setting)",
-            f"{median(vm) / step['extra_info']['median_s']['fastdiff']:.0f} steps",
-            "",
+            f"{taylor / step['extra_info']['median_s']['fastdiff']:.0f} steps",
+            "not interleaved: the two medians come from different minutes",
         )
     for w in (0, 1, 2):
         b = get(f"test_loader_throughput[{w}]")

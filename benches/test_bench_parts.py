@@ -90,7 +90,6 @@ def _probe_setup(model):
 
 
 K = 2 if SMOKE else 16
-WARM = 0 if SMOKE else 1  # the first call builds functorch's decompositions
 
 
 @pytest.fixture(scope="module")
@@ -99,30 +98,12 @@ def trained_layout(model):
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("method", ["taylor", "jvp"])
-def test_hutchinson_probe(benchmark, trained_layout, method):
-    """The run's probe, K probes batched: second-order Taylor mode or vmap of jvp of grad."""
-    model = trained_layout
-    probe, _, _ = _probe_setup(model)
-    probe.method = method
-
-    def run():
-        probe.trace(model)
-        sync()
-
-    benchmark.extra_info.update(probes=K, method=method)
-    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1, warmup_rounds=WARM)
-
-
-def test_hutchinson_probe_set(benchmark, trained_layout):
-    """What a Min-SNR run measures at a probe step: weighted, unweighted and 4 t-bin
-    traces with their standard errors, from one Taylor pass (against the single weighted
-    trace of test_hutchinson_probe[taylor] on the same batch: the goal is at most 1.3x)."""
+def _probe_set(size: int):
+    """What a Min-SNR run measures at a probe step (weighted, unweighted and 4 t-bin
+    traces with their standard errors, from one Taylor pass) on a batch of 4."""
     from fastdiff.config import compose, to_config
     from fastdiff.curvature import RunProbes
 
-    model = trained_layout
-    _, _, size = MODEL
     cfg = to_config(
         compose(
             [
@@ -138,17 +119,10 @@ def test_hutchinson_probe_set(benchmark, trained_layout):
     sched = Schedule.make("linear", 1000)
     images = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
     objective = Objective(sched.alphas_cumprod, sched.loss_weights("minsnr", 5.0))
-    probes = RunProbes(images, cfg, objective, DEVICE)
-
-    def run():
-        probes(model)
-        sync()
-
-    benchmark.extra_info.update(probes=K, bins=4, batch=4)
-    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1, warmup_rounds=WARM)
+    return RunProbes(images, cfg, objective, DEVICE)
 
 
-def test_hutchinson_loop(benchmark, model):
+def _loop_probe(model):
     """PyHessian-style peer: one create_graph backward, then K double-backward passes. On
     the NCHW model: its faster layout (measured 10.3 s vs 11.8 s channels_last)."""
     _, loss_fn, params = _probe_setup(model)
@@ -169,8 +143,35 @@ def test_hutchinson_loop(benchmark, model):
             values.append(sum((h * v).sum() for h, v in zip(hv, vs)))
         torch.stack(values).mean().item()
 
-    benchmark.extra_info.update(probes=K)
-    benchmark.pedantic(run, rounds=1 if SMOKE else 2, iterations=1, warmup_rounds=WARM)
+    return run
+
+
+def test_hutchinson(benchmark, model, trained_layout):
+    """K probes of vᵀHv on one batch of 4, taking turns round by round: the run's probe
+    batched by vmap (second-order Taylor mode, and vmap of jvp of grad), the
+    PyHessian-style loop, and the whole set a Min-SNR run measures at a probe step
+    (weighted, unweighted and 4 t-bin traces from one Taylor pass; the goal is at most
+    1.3× the single weighted trace). Ratios with their intervals are in extra_info."""
+    probes = {}
+    for method in ("taylor", "jvp"):
+        probes[method], _, _ = _probe_setup(trained_layout)
+        probes[method].method = method
+    probe_set = _probe_set(MODEL[2])
+    steps = {
+        "taylor": lambda: probes["taylor"].trace(trained_layout),
+        "jvp": lambda: probes["jvp"].trace(trained_layout),
+        "loop": _loop_probe(model),
+        "probe_set": lambda: probe_set(trained_layout),
+    }
+    # the first call builds functorch's decompositions
+    times = interleaved(benchmark, steps, 1 if SMOKE else 3, warmup=0 if SMOKE else 1)
+    benchmark.extra_info.update(
+        probes=K,
+        median_s={name: float(np.median(t)) for name, t in times.items()},
+        step_s=times,
+        loop_over={m: list(paired_ratio(times[m], times["loop"])) for m in ("taylor", "jvp")},
+        probe_set_over_taylor=list(paired_ratio(times["taylor"], times["probe_set"])),
+    )
 
 
 @pytest.fixture(scope="module")
