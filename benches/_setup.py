@@ -17,6 +17,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The cards' model; the smoke run uses the tiny preset at 8x8.
 MODEL = ("unet_tiny", 16, 8) if SMOKE else ("unet_cifar32", 64, 32)
 BATCHES = [2] if SMOKE else [4, 128]
+# "amp": the cards' setting (AMP on), whatever it means on this device (bf16 autocast
+# here); "fp32": AMP off. Both sides of a comparison run the same precision. The smoke
+# run takes AMP alone: fp32 is the same code with the flag off, and each precision
+# costs the smoke run a worker process per kind.
+PRECISIONS = ["amp"] if SMOKE else ["amp", "fp32"]
 
 
 def sync() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from benches._setup import DEVICE, SMOKE, interleaved
+from benches._setup import DEVICE, PRECISIONS, SMOKE, interleaved
 from benches.ratios import paired_ratio
 from fastdiff.config import compose, to_config
 
@@ -47,7 +47,7 @@ def k_run_configs(k: int, precision: str, root, smoke: bool = SMOKE):
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "amp"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("k", KS)
 def test_fused_vs_sequential(benchmark, tmp_path, k, precision):
     """One fused step of K runs and K standalone steps, interleaved round by round (the

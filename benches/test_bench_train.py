@@ -18,13 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benches._setup import BATCHES, DEVICE, SMOKE, interleaved
+from benches._setup import BATCHES, DEVICE, PRECISIONS, SMOKE, interleaved
 from benches.ratios import paired_ratio
 
 COMPILE = DEVICE.type == "cuda" or os.environ.get("FASTDIFF_BENCH_COMPILE") == "1"
-# "amp": the cards' setting (AMP on), whatever it means on this device (bf16 autocast
-# here); "fp32": AMP off. Both sides of a comparison run the same precision.
-PRECISIONS = ["amp", "fp32"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
