@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for path in (args.json, args.baseline):
         if not path.is_file():
-            print(f"bench gate: {path} does not exist; run `make bench` first", file=sys.stderr)
+            how = "make bench, then make bench-baseline" if path == args.baseline else "make bench"
+            print(f"bench gate: {path} does not exist; run {how} first", file=sys.stderr)
             return 1
     (now, _), (base, _) = load(args.json), load(args.baseline)
     rows = checks(now, base, args.tolerance)

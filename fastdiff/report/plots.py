@@ -8,6 +8,7 @@ import numpy as np
 
 from fastdiff.diffusion import Schedule, snr
 from fastdiff.report.criteria import (
+    THRESHOLDS,
     stderr_key,
     step_traces,
     trace_measure,
@@ -169,9 +170,11 @@ def make_plots(runs: list[Run], out: Path) -> list[str]:
                 s, r, lo, hi = got
                 ax.plot(s, r, marker="o", ms=3, color=color, label=f"seed {base.seed}")
                 ax.fill_between(s, lo, hi, color=color, alpha=0.2)
+        lower = THRESHOLDS["e6"]["curvature_reduction"]["threshold"]
         for ax, what in zip(axes, ("weighted", "unweighted")):
             ax.axhline(1.0, color="0.4", lw=0.8, label="1: no change")
-            ax.axhline(0.85, color="0.6", lw=0.8, ls="--", label="the cards' 15% lower")
+            card = f"the cards' {lower:.0%} lower"
+            ax.axhline(1 - lower, color="0.6", lw=0.8, ls="--", label=card)
             ax.set(
                 title=f"{what} trace: Min-SNR / vanilla per probe step (95%, paired)",
                 xlabel="step",
