@@ -18,7 +18,21 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _t_quantile(p: float, df: float) -> float:
+    # scipy.stats is imported here, not at the top: it costs ~1.2 s of start-up, and
+    # every training process imports this module (through fastdiff.fid)
+    from scipy import stats
+
+    return float(stats.t.ppf(p, df))
+
+
+def _normal_quantile(p: float) -> float:
+    from scipy import stats
+
+    return float(stats.norm.ppf(p))
+
 
 PASS, FAIL, INCONCLUSIVE, NA = "pass", "fail", "inconclusive", "not evaluable"
 LEVEL = 0.95
@@ -53,7 +67,7 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float, float
     x = np.asarray(values, float)
     n = len(x)
     mean, sd = float(x.mean()), float(x.std(ddof=1))
-    half = sps.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    half = _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half, sd
 
 
@@ -61,7 +75,7 @@ def normal_interval(
     value: float, se: float, level: float = LEVEL, df: float | None = None
 ) -> tuple[float, float]:
     """value ± z·se, or ± t_df·se when the SE is itself estimated from few terms."""
-    z = sps.norm.ppf(0.5 + level / 2) if df is None else sps.t.ppf(0.5 + level / 2, df)
+    z = _normal_quantile(0.5 + level / 2) if df is None else _t_quantile(0.5 + level / 2, df)
     return value - z * se, value + z * se
 
 
@@ -113,7 +127,7 @@ def seeds_needed(iv: Interval, threshold: float, level: float = LEVEL, most: int
     if gap == 0:
         return most
     for n in range(2, most):
-        if sps.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < gap:
+        if _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < gap:
             return n
     return most
 
