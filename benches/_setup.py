@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,8 @@ def interleaved(benchmark, steps: dict, rounds: int, warmup: int) -> dict[str, l
         t.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
     return times
+
+
+def timings(times: dict[str, list[float]]) -> dict:
+    """extra_info of an interleaved bench: each step's times and median (seconds)."""
+    return {"step_s": times, "median_s": {name: float(np.median(t)) for name, t in times.items()}}

@@ -8,12 +8,11 @@ taken at one moment of the machine's drifting speed."""
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from benches._setup import DEVICE, PRECISIONS, SMOKE, interleaved
+from benches._setup import DEVICE, PRECISIONS, SMOKE, interleaved, timings
 from benches.ratios import paired_ratio
 from fastdiff.config import compose, to_config
 
@@ -76,8 +75,7 @@ def test_fused_vs_sequential(benchmark, tmp_path, k, precision):
         k=k,
         precision=precision,
         device=str(DEVICE),
-        step_s=times,
-        median_s={kind: float(np.median(t)) for kind, t in times.items()},
+        **timings(times),
         sequential_over_fused=list(paired_ratio(times["fused"], times["sequential"])),
     )
     assert all(torch.isfinite(o.loss) for o in fused.step(next(counters[0])))

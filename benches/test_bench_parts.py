@@ -2,12 +2,11 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benches._setup import DEVICE, MODEL, SMOKE, interleaved, sync
+from benches._setup import DEVICE, MODEL, SMOKE, interleaved, sync, timings
 from benches.ratios import paired_ratio
 from fastdiff.curvature import CurvatureProbe
 from fastdiff.diffusion import Schedule, eps_mse
@@ -54,8 +53,7 @@ def test_sampler(benchmark, model, sampler, nfe):
     benchmark.extra_info.update(
         images=SAMPLE_BATCH,
         nfe=nfe,
-        median_s={name: float(np.median(v)) for name, v in times.items()},
-        step_s=times,
+        **timings(times),
         overhead=list(paired_ratio(times["forward"], times["sampler"])),
     )
 
@@ -167,8 +165,7 @@ def test_hutchinson(benchmark, model, trained_layout):
     times = interleaved(benchmark, steps, 1 if SMOKE else 3, warmup=0 if SMOKE else 1)
     benchmark.extra_info.update(
         probes=K,
-        median_s={name: float(np.median(t)) for name, t in times.items()},
-        step_s=times,
+        **timings(times),
         loop_over={m: list(paired_ratio(times[m], times["loop"])) for m in ("taylor", "jvp")},
         probe_set_over_taylor=list(paired_ratio(times["taylor"], times["probe_set"])),
     )

@@ -15,10 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from benches._setup import BATCHES, DEVICE, PRECISIONS, SMOKE, interleaved
+from benches._setup import BATCHES, DEVICE, PRECISIONS, SMOKE, interleaved, timings
 from benches.ratios import paired_ratio
 
 COMPILE = DEVICE.type == "cuda" or os.environ.get("FASTDIFF_BENCH_COMPILE") == "1"
@@ -105,8 +104,7 @@ def test_train_step(benchmark, tmp_path, precision, batch):
         workers["fastdiff"].facts,
         batch=batch,
         peer_params=theirs,
-        step_s={kind: t for kind, t in times.items()},
-        median_s={kind: float(np.median(t)) for kind, t in times.items()},
+        **timings(times),
         vs_fastdiff={
             kind: list(paired_ratio(times["fastdiff"], t))
             for kind, t in times.items()

@@ -20,18 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def _t_quantile(p: float, df: float) -> float:
-    # scipy.stats is imported here, not at the top: it costs ~1.2 s of start-up, and
-    # every training process imports this module (through fastdiff.fid)
+def _quantile(p: float, df: float | None = None) -> float:
+    """The normal quantile, or Student's t with ``df`` degrees of freedom. scipy.stats
+    is imported here, not at the top: it costs ~1.2 s of start-up, and every training
+    process imports this module (through fastdiff.fid)."""
     from scipy import stats
 
-    return float(stats.t.ppf(p, df))
-
-
-def _normal_quantile(p: float) -> float:
-    from scipy import stats
-
-    return float(stats.norm.ppf(p))
+    return float(stats.norm.ppf(p) if df is None else stats.t.ppf(p, df))
 
 
 PASS, FAIL, INCONCLUSIVE, NA = "pass", "fail", "inconclusive", "not evaluable"
@@ -67,7 +62,7 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float, float
     x = np.asarray(values, float)
     n = len(x)
     mean, sd = float(x.mean()), float(x.std(ddof=1))
-    half = _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    half = _quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
     return mean, mean - half, mean + half, sd
 
 
@@ -75,7 +70,7 @@ def normal_interval(
     value: float, se: float, level: float = LEVEL, df: float | None = None
 ) -> tuple[float, float]:
     """value ± z·se, or ± t_df·se when the SE is itself estimated from few terms."""
-    z = _normal_quantile(0.5 + level / 2) if df is None else _t_quantile(0.5 + level / 2, df)
+    z = _quantile(0.5 + level / 2, df)
     return value - z * se, value + z * se
 
 
@@ -127,7 +122,7 @@ def seeds_needed(iv: Interval, threshold: float, level: float = LEVEL, most: int
     if gap == 0:
         return most
     for n in range(2, most):
-        if _t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < gap:
+        if _quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n) < gap:
             return n
     return most
 

@@ -119,6 +119,14 @@ def step_traces(run: Run, key: str) -> dict[float, WindowTrace]:
     }
 
 
+def paired_steps(
+    base: Run, treat: Run, key: str, base_key: str | None = None
+) -> list[tuple[float, WindowTrace, WindowTrace]]:
+    """(step, treat's, base's) at every probe step both runs logged, in step order."""
+    at_b, at_t = step_traces(base, base_key or key), step_traces(treat, key)
+    return [(s, at_t[s], at_b[s]) for s in sorted(at_b.keys() & at_t.keys())]
+
+
 def _window_steps(run: Run, key: str, lo: float, hi: float) -> list[WindowTrace]:
     """The probe steps of ``key`` in [lo, hi], in step order."""
     at = step_traces(run, key)
@@ -579,13 +587,10 @@ def exploding_curvature(
         keys = band_keys(base) if bands else [TRACE]
         ratios, probed = [], 0
         for key in keys:
-            at_b, at_t = step_traces(base, key), step_traces(treat, key)
-            common = sorted(s for s in at_b.keys() & at_t.keys() if s >= lo)
+            common = [(s, t, b) for s, t, b in paired_steps(base, treat, key) if s >= lo]
             probed = max(probed, len(common))
-            for s in common:
-                b, t = at_b[s], at_t[s]
-                if b.mean > 0:  # a ratio to a negative trace says nothing of growth
-                    ratios.append((t.mean / b.mean, s, key, t, b))
+            # a ratio to a negative trace says nothing of growth
+            ratios += [(t.mean / b.mean, s, key, t, b) for s, t, b in common if b.mean > 0]
         if not ratios:
             return None
         worst, step, key, t, b = max(ratios, key=lambda r: r[:2])

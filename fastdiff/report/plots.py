@@ -9,8 +9,8 @@ import numpy as np
 from fastdiff.diffusion import Schedule, snr
 from fastdiff.report.criteria import (
     THRESHOLDS,
+    paired_steps,
     stderr_key,
-    step_traces,
     trace_measure,
     unweighted_key,
 )
@@ -73,13 +73,11 @@ def paired_ratios(base: Run, treat: Run, key: str, base_key: str | None = None):
     Each arm's own band carries the probe error the two share, so the bands overlap
     even where the paired comparison tells the arms apart; this is the view of the
     question "has the trajectory changed, or is it noise?"."""
-    at_b, at_t = step_traces(base, base_key or key), step_traces(treat, key)
-    common = sorted(s for s in at_b.keys() & at_t.keys() if at_b[s].mean > 0)
+    common = [(s, t, b) for s, t, b in paired_steps(base, treat, key, base_key) if b.mean > 0]
     if not common:
         return None
     out = []
-    for s in common:
-        t, b = at_t[s], at_b[s]
+    for s, t, b in common:
         m = trace_measure(t, b, t.mean / b.mean, "", ratio=True)
         lo, hi = (np.nan, np.nan) if m.se is None else normal_interval(m.value, m.se, df=m.df)
         out.append((s, m.value, lo, hi))
