@@ -25,10 +25,7 @@ from hydra_zen import ZenStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fastdiff.diffusion import BETA_SCHEDULES, WEIGHTINGS
-
-
-class ConfigError(ValueError):
-    """A bad setting, reported as one line before any work starts."""
+from fastdiff.errors import ConfigError
 
 
 @dataclass

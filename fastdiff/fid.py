@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff.diffusion import Schedule
+from fastdiff.errors import FIDUnavailable
 from fastdiff.sampling import SAMPLERS, to_uint8
 from fastdiff.seeding import stream_generator
 from fastdiff.stats import bootstrap_fid, frechet_from_features, sqrt_psd
@@ -67,10 +68,6 @@ def extractor_spec(choice: str) -> Extractor:
         digits_fd.register()
         return Extractor(digits_fd.NAME, digits_fd.LAYER, digits_fd.DIM, digits_fd.RESIZE)
     return Extractor(EXTRACTOR, FEATURE_LAYER, FEATURE_DIM, RESIZE)
-
-
-class FIDUnavailable(RuntimeError):
-    """FID was asked for but cannot be computed here (no Inception weights)."""
 
 
 _SHA256: dict[tuple, str] = {}

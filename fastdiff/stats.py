@@ -1,11 +1,18 @@
 """Intervals and three-way verdicts for a card's criteria.
 
-A criterion compares an estimate with a threshold. Its 95% interval comes from the
-seeds when there are several (a paired t-interval over the per-seed values: the two
-arms of one seed share data order, timesteps, noise and init, so their difference
-is what varies) and from the run's own uncertainty otherwise (a normal interval from
-the standard error, or a t one when the SE comes from few terms: the curvature probe's
-terms paired between the arms, bootstrap over FID samples). A criterion
+A criterion compares an estimate with a threshold, at two levels that answer two
+questions:
+
+- **seed pair**: what one seed's two runs measured. Its 95% interval is the runs' own
+  measurement error (a normal interval from the standard error, or a t one when the SE
+  comes from few terms: the curvature probe's terms paired between the arms, bootstrap
+  over FID samples). It covers that seed's own value, not the arms'.
+- **arms**: whether the weighting differs beyond seed-to-seed training noise: a paired
+  t-interval over the per-seed values (the two arms of one seed share data order,
+  timesteps, noise and init, so their difference is what varies), its spread never
+  below the runs' own measurement error. One seed has no spread: never pass or fail.
+
+At either level a criterion
 
 - passes when the whole interval lies on the pass side of the threshold,
 - fails when the whole interval lies on the fail side,
@@ -41,6 +48,16 @@ class Measure:
     se: float | None = None
     detail: str = ""
     df: float | None = None  # degrees of freedom of ``se`` when it is estimated from few terms
+    # A within-run interval given directly, where value ± z·se would be wrong (the
+    # maximum of several noisy ratios: simultaneous over them).
+    lo: float | None = None
+    hi: float | None = None
+
+    def error(self, level: float = LEVEL) -> float | None:
+        """The measurement's standard error, or the one its interval implies."""
+        if self.lo is not None and self.hi is not None:
+            return (self.hi - self.lo) / (2 * _quantile(0.5 + level / 2))
+        return self.se
 
 
 @dataclass
@@ -82,20 +99,42 @@ def welch_df(variances: list[float], dfs: list[int]) -> float | None:
     return None if total == 0 or denom == 0 else total * total / denom
 
 
+def seed_interval(measures: list[Measure], level: float = LEVEL) -> Interval:
+    """The arms' interval: paired t over the seeds' values (n ≥ 2). Each seed's value
+    carries its runs' measurement error, so the seeds' spread is at least that error;
+    a few seeds can still agree by chance (whole spike counts often do), and a spread of
+    0 would give a zero-width interval. The spread used is the larger of the observed
+    one and the runs' root-mean-square error."""
+    values = [m.value for m in measures]
+    mean, lo, hi, sd = t_interval(values, level)
+    errors = [m.error(level) for m in measures]
+    known = [e for e in errors if e is not None and math.isfinite(e)]
+    floor = math.sqrt(sum(e * e for e in known) / len(known)) if known else 0.0
+    if floor > sd:
+        sd = floor
+        half = _quantile(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
+        lo, hi = mean - half, mean + half
+    return Interval(mean, lo, hi, "seeds (paired t)", values, sd)
+
+
+def run_interval(m: Measure, level: float = LEVEL) -> Interval:
+    """One seed pair's interval from its runs' measurement error (an unknown one gives
+    (−∞, ∞): inconclusive, however the point estimate falls)."""
+    if m.lo is not None and m.hi is not None:
+        return Interval(m.value, m.lo, m.hi, "within run", [m.value], m.error(level))
+    if m.se is None:
+        return Interval(m.value, -math.inf, math.inf, "within run (no standard error)", [m.value])
+    lo, hi = normal_interval(m.value, m.se, level, m.df)
+    return Interval(m.value, lo, hi, "within run", [m.value], m.se)
+
+
 def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
-    """Over seeds when there are several; else from the one run's standard error (an
-    unknown one gives (−∞, ∞): inconclusive, however the point estimate falls)."""
+    """Over seeds when there are several; else the one seed pair's own interval."""
     if not measures:
         return None
-    values = [m.value for m in measures]
-    if len(values) >= 2:
-        mean, lo, hi, sd = t_interval(values, level)
-        return Interval(mean, lo, hi, "seeds (paired t)", values, sd)
-    (m,) = measures
-    if m.se is None:  # no within-run uncertainty known: only seeds can decide
-        return Interval(m.value, -math.inf, math.inf, "within run (no standard error)", values)
-    lo, hi = normal_interval(m.value, m.se, level, m.df)
-    return Interval(m.value, lo, hi, "within run", values, m.se)
+    if len(measures) >= 2:
+        return seed_interval(measures, level)
+    return run_interval(measures[0], level)
 
 
 def verdict(iv: Interval | None, threshold: float, pass_below: bool) -> str:

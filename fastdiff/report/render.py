@@ -7,7 +7,10 @@ import base64
 import json
 from pathlib import Path
 
+from fastdiff.errors import fail
 from fastdiff.report.criteria import (
+    EXTRA,
+    Criterion,
     evaluate,
 )
 from fastdiff.report.plots import (
@@ -18,6 +21,8 @@ from fastdiff.report.runs import (
     TRACE,
     Run,
     detect_card,
+    differing,
+    flatten,
 )
 from fastdiff.stats import (
     FAIL,
@@ -25,6 +30,22 @@ from fastdiff.stats import (
     NA,
     PASS,
 )
+
+
+def arm_labels(runs: list[Run]) -> dict[Path, str]:
+    """Each run's label, with every config key that differs between the arms, so two
+    arms that differ in more than the card varies cannot look alike."""
+    diff = differing(runs, {"train.seed"})
+    labels = {}
+    for run in runs:
+        flat = flatten(run.config)
+        extra = ", ".join(f"{k}={flat.get(k)}" for k in diff if k not in SHOWN)
+        labels[run.path] = run.label + (f" [{extra}]" if extra else "")
+    return labels
+
+
+# Keys Run.label already shows.
+SHOWN = {"loss.weighting", "loss.minsnr_gamma", "diffusion.beta_schedule"}
 
 
 def card_table(runs: list[Run]) -> str:
@@ -37,7 +58,8 @@ def card_table(runs: list[Run]) -> str:
     ]
     head = "| run | seed | steps | " + " | ".join(label for _, label in keys) + " | img/s |"
     lines = [head, "|" + "---|" * (len(keys) + 4)]
-    for run in sorted(runs, key=lambda r: (r.label, r.seed)):
+    labels = arm_labels(runs)
+    for run in sorted(runs, key=lambda r: (labels[r.path], r.seed)):
         cells = []
         for key, _ in keys:
             v = run.value(key)
@@ -48,7 +70,7 @@ def card_table(runs: list[Run]) -> str:
             cells.append(cell)
         ips = run.summary.get("images_per_sec")
         lines.append(
-            f"| {run.label} | {run.seed} | {run.summary.get('step', '—')} | "
+            f"| {labels[run.path]} | {run.seed} | {run.summary.get('step', '—')} | "
             + " | ".join(cells)
             + f" | {'—' if ips is None else f'{ips:.1f}'} |"
         )
@@ -98,12 +120,15 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
         "## Criteria",
         "",
         "Each estimate has its 95% interval in brackets. A criterion passes or fails only "
-        "when the whole interval lies on one side of its threshold.",
+        "when the whole interval lies on one side of its threshold. **Seed pair**: what "
+        "the card seed's two runs measured, judged on their own measurement error — the "
+        "card's criterion for that seed. **Arms**: whether Min-SNR and vanilla differ "
+        "beyond seed-to-seed training noise, judged over seeds; one seed never decides it.",
         "",
-        "| criterion | result | estimate [95% interval] and numbers | figure |",
-        "|---|---|---|---|",
+        "| criterion | seed pair (its runs' error) | arms (over seeds) | numbers | figure |",
+        "|---|---|---|---|---|",
     ]
-    md += [f"| {c.name} | {ICON[c.status]} | {c.detail} | {c.figure} |" for c in crits]
+    md += [_row(c) for c in crits]
     md += ["", *[f"- {n}" for n in notes], ""]
     md += provenance_lines(runs)
     for fig in figures:
@@ -119,6 +144,13 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
     }
     (out / "report.json").write_text(json.dumps(verdicts, indent=1) + "\n")
     return out / "REPORT.md"
+
+
+def _row(c: Criterion) -> str:
+    name = c.name + (" *(fastdiff's check, not on the card)*" if c.origin == EXTRA else "")
+    pair = "—" if c.pair is None else ICON[c.pair.status]
+    detail = c.detail if c.pair is None else f"seed pair: {c.pair.detail}<br>arms: {c.detail}"
+    return f"| {name} | {pair} | {ICON[c.status]} | {detail} | {c.figure} |"
 
 
 def _html(md: str, out: Path, figures: list[str]) -> str:
@@ -150,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = [Run.load(p) for p in args.runs]
     except FileNotFoundError as err:
-        print(f"fastdiff.report: error: {err}")
-        return 2
+        return fail(str(err))
     path = write_report(runs, args.out or runs[0].path / "report", args.card)
     print(f"wrote {path} and {path.with_name('report.html')}")
     return 0

@@ -15,6 +15,50 @@ TRACE = "curvature/hutch_trace_mean"
 TRACE_UNW = "curvature/hutch_trace_mean_unweighted"
 # Config keys that do not make a run another arm: where it ran, and the seed it pairs by.
 NOT_ARM = {("train", "seed"), ("train", "run_dir"), ("train", "resume"), ("train", "runs_root")}
+CARD_SEED = 1077  # the cards' seed: the seed pair whose verdict is the card's own
+# Keys two runs of a comparison may differ in beyond what the card varies: the name,
+# the seed they pair by, where they ran, and switches that change neither what is
+# trained nor what is measured (implementation, cadence of checkpoints and grids).
+NOT_COMPARED = {
+    "experiment",
+    *(".".join(k) for k in NOT_ARM),
+    "train.progress",
+    "train.compile",
+    "train.compile_backend",
+    "train.reuse_host_memory",
+    "train.report",
+    "train.keep_checkpoints",
+    "train.ckpt_every",
+    "train.preempt_check_every",
+    "model.kernels",
+    "model.channels_last",
+    "data.workers",
+    "eval.fid.cache_dir",
+    "eval.batch_size",
+    "sampling.grid_every",
+    "sampling.grid_images",
+}
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as {"group.key": value}."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing(runs: list[Run], allowed: set[str] = frozenset()) -> dict[str, list]:
+    """The config keys whose values differ between ``runs`` (beyond NOT_COMPARED and
+    ``allowed``), each with every run's value."""
+    flat = [flatten({k: v for k, v in r.config.items() if k != "defaults"}) for r in runs]
+    keys = sorted(set().union(*flat) - NOT_COMPARED - set(allowed))
+    return {
+        k: [f.get(k) for f in flat] for k in keys if any(f.get(k) != flat[0].get(k) for f in flat)
+    }
 
 
 # --------------------------------------------------------------------- loading
@@ -82,6 +126,29 @@ class Run:
         return int(self.config.get("train", {}).get("total_steps", CARD_STEPS))
 
     @property
+    def reached(self) -> int | None:
+        """The step the run ended at (None: it wrote no summary, so it never ended)."""
+        step = self.summary.get("step")
+        return None if step is None else int(step)
+
+    @property
+    def finished(self) -> bool:
+        return (
+            self.reached is not None
+            and self.reached >= self.total_steps
+            and not self.summary.get("preempted")
+            and not self.summary.get("diverged")
+        )
+
+    def stopped_at(self) -> str:
+        """Why the run is not finished, in words."""
+        if self.reached is None:
+            return f"{self.name} (seed {self.seed}) never finished (no summary.json)"
+        return (
+            f"{self.name} (seed {self.seed}) stopped at step {self.reached} of {self.total_steps}"
+        )
+
+    @property
     def gamma(self) -> float:
         return float(self.config.get("loss", {}).get("minsnr_gamma", 5.0))
 
@@ -93,7 +160,10 @@ class Run:
         return f"{self.name} ({self.schedule} β, {w})"
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-        pts = [(r["step"], float(r[key])) for r in self.rows if key in r]
+        """(steps, values) of ``key``; a value logged as missing (null) is NaN."""
+        pts = [
+            (r["step"], float("nan" if r[key] is None else r[key])) for r in self.rows if key in r
+        ]
         if not pts:
             return np.zeros(0), np.zeros(0)
         steps, values = zip(*pts)
