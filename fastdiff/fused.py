@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    root = args.out or study_dir(args.card, args.overrides, args.seeds)
+    root = args.out or study_dir(args.card, args.overrides)
     try:
         cfgs = study_configs(args.card, args.overrides, args.seeds, root)
         apply_host_tuning(cfgs[0])

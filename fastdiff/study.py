@@ -8,7 +8,11 @@ is an ordinary run directory, ``DIR/<arm>/seed<seed>``; the two arms of one seed
 data order, timesteps, noise and init. Every run is started with train.resume=auto,
 so running the same study again leaves finished runs as they are and resumes
 unfinished ones: an interrupted study continues where it stopped. The default DIR
-is named by a hash of the overrides and seeds, so the same command finds its runs.
+is named by a hash of the card and the overrides (not the seeds), so the same command
+finds its runs, and adding seeds (``--seeds 3`` after ``--seeds 1``) trains only the
+new ones. A DIR belongs to one card and one set of overrides (``study.json``): another
+set into the same ``--out`` is refused. Each run's output is also kept in
+``DIR/logs/<arm>-seed<seed>.log``; the study exits 1 if any run failed, naming it.
 
     python -m fastdiff.study e9 data=digits train.total_steps=60 --seeds 2
 
@@ -20,15 +24,19 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from fastdiff.config import ConfigError, compose, to_config
+from fastdiff.config import compose, to_config
+from fastdiff.errors import ConfigError, fail
+from fastdiff.report.runs import CARD_SEED  # the cards' seed; --seeds N adds 2077, 3077, ...
 
 STUDIES = {"e9": ("e9a", "e9b"), "e6": ("e5", "e6")}
-CARD_SEED = 1077  # the cards' seed; --seeds N adds 2077, 3077, ...
+RECORD = "study.json"
 
 
 MOST_SEEDS = 100  # a larger count is a seed typed without its comma
@@ -56,9 +64,45 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def study_dir(card: str, overrides: list[str], seeds: list[int]) -> Path:
-    key = hashlib.sha256(" ".join([card, *overrides, *map(str, seeds)]).encode()).hexdigest()
+def study_dir(card: str, overrides: list[str]) -> Path:
+    """The default folder of a study: its card and overrides, not its seeds, so adding
+    seeds finds the runs already made."""
+    key = hashlib.sha256(" ".join([card, *sorted(overrides)]).encode()).hexdigest()
     return Path("runs") / "study" / f"{card}-{key[:10]}"
+
+
+def claim(root: Path, card: str, overrides: list[str]) -> None:
+    """Record which study ``root`` holds; refuse one with another card or overrides, whose
+    runs would be reported under the same labels as this one's."""
+    mine = {"card": card, "overrides": sorted(overrides)}
+    path = root / RECORD
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            raise ConfigError(
+                f"{root} holds study {theirs['card']} with overrides "
+                f"{' '.join(theirs['overrides']) or '(none)'}, not {card} with "
+                f"{' '.join(mine['overrides']) or '(none)'}: pass another --out"
+            )
+        return
+    if root.is_dir() and any(root.iterdir()):
+        raise ConfigError(f"{root} is not empty and holds no {RECORD}: pass another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
+def run_logged(cmd: list[str], log: Path) -> int:
+    """Run ``cmd``, its output to the terminal and to ``log`` as it comes (progress bars
+    included: bytes, not lines)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out = sys.stdout.buffer
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            out.write(chunk)
+            out.flush()
+            f.write(chunk)
+        return proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(
         o.startswith(("train.seed=", "train.run_dir=", "train.resume=")) for o in args.overrides
     ):
-        print(
-            "fastdiff.study: error: the study sets train.seed, train.run_dir and "
-            "train.resume itself: use --seeds and --out",
-            file=sys.stderr,
+        return fail(
+            "the study sets train.seed, train.run_dir and train.resume itself: use --seeds "
+            "and --out"
         )
-        return 2
-    root = args.out or study_dir(args.card, args.overrides, args.seeds)
-    try:  # check every arm's config before any training
+    root = args.out or study_dir(args.card, args.overrides)
+    try:  # check every arm's config, and the folder, before any training
         for arm in arms:
             to_config(compose([f"experiment={arm}", *args.overrides]))
+        claim(root, args.card, args.overrides)
     except ConfigError as err:
-        print(f"fastdiff.study: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     launch = shlex.split(args.launch)
     if launch[:2] == ["accelerate", "launch"]:  # the launcher of this interpreter's env
         launch = [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
@@ -117,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [*launch, "-m", "fastdiff.fused", args.card, *args.overrides]
         cmd += ["--seeds", seeds, "--out", str(root)]
         print("$", shlex.join(cmd), flush=True)
-        if subprocess.call(cmd) != 0:
-            failed.append("the fused job")
+        log = root / "logs" / "fused.log"
+        if run_logged(cmd, log) != 0:
+            failed.append(f"the fused job (log: {log})")
     for seed in args.seeds if not args.fused else []:
         for arm in arms:
             run_dir = root / arm / f"seed{seed}"
@@ -133,18 +176,24 @@ def main(argv: list[str] | None = None) -> int:
                 "train.resume=auto",
             ]
             print("$", shlex.join(cmd), flush=True)
-            if subprocess.call(cmd) != 0:
-                failed.append(f"{arm} seed {seed}")
-    if failed:
-        print(
-            f"fastdiff.study: {', '.join(failed)} failed; the report covers what finished",
-            file=sys.stderr,
-        )
+            log = root / "logs" / f"{arm}-seed{seed}.log"
+            if run_logged(cmd, log) != 0:
+                failed.append(f"{arm} seed {seed} (log: {log})")
     from fastdiff.report import Run, write_report
 
-    runs = [Run.load(p.parent) for p in sorted(root.glob("*/seed*/metrics.jsonl"))]
-    path = write_report(runs, root / "report", args.card)
-    print(f"report: {path}")
+    # this command's seeds only: the folder may hold more from an earlier --seeds
+    dirs = [root / arm / f"seed{seed}" for seed in args.seeds for arm in arms]
+    runs = [Run.load(d) for d in dirs if (d / "metrics.jsonl").is_file()]
+    if runs:
+        path = write_report(runs, root / "report", args.card)
+        print(f"report: {path}")
+    if failed:
+        print(
+            f"fastdiff.study: {len(failed)} run(s) failed: {'; '.join(failed)}"
+            + ("; the report covers what finished" if runs else ""),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -350,6 +350,8 @@ def test_report_files_and_plots(tmp_path):
 
 
 def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
+    """The card's one seed, then --seeds 2 into the same default folder: the second
+    command trains only seed 2077 and reports both seeds."""
     overrides = [o for o in tiny(tmp_path) if not o.startswith("train.runs_root")]
     cmd = [
         sys.executable,
@@ -361,18 +363,26 @@ def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
         "curvature.batch_size=2",
         "curvature.t_bins=2",
         "curvature.every=3",
-        "--seeds",
-        "2",
         "--launch",  # one process per arm, without accelerate's launcher start-up
         sys.executable,
-        "--out",
-        str(tmp_path / "study"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (root,) = (tmp_path / "runs" / "study").iterdir()  # keyed by card and overrides
+    summaries = {p: p.read_bytes() for p in root.glob("*/seed*/summary.json")}
+    assert len(summaries) == 2
+    one = json.loads((root / "report" / "report.json").read_text())
+    exploding = [c for c in one["criteria"] if c["name"].startswith("no exploding")][0]
+    assert exploding["n_seeds"] == 1 and exploding["status"] in {INCONCLUSIVE, NA}
+    out = subprocess.run(
+        [*cmd, "--seeds", "2"], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    root = tmp_path / "study"
+    assert out.stderr.count("nothing to do") == 2  # seed 1077's runs are finished
+    assert {p: p.read_bytes() for p in summaries} == summaries
     runs = sorted(str(p.relative_to(root)) for p in root.glob("*/seed*"))
     assert runs == ["e9a/seed1077", "e9a/seed2077", "e9b/seed1077", "e9b/seed2077"]
+    assert (root / "logs" / "e9b-seed2077.log").stat().st_size > 0
     report = (root / "report" / "REPORT.md").read_text()
     assert "e9a (cosine β, uniform)" in report and "e9b (cosine β, Min-SNR γ=5)" in report
     assert "not evaluable" in report  # no FID in these runs
@@ -381,23 +391,8 @@ def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
     verdicts = json.loads((root / "report" / "report.json").read_text())
     exploding = [c for c in verdicts["criteria"] if c["name"].startswith("no exploding")]
     assert exploding[0]["n_seeds"] == 2 and exploding[0]["method"] == "seeds (paired t)"
+    assert exploding[0]["seed_pair"]["seeds"] == [1077]
     assert all(c["status"] in {PASS, FAIL, INCONCLUSIVE, NA} for c in verdicts["criteria"])
-    # the study again (its first seed, to keep this test short): those runs are
-    # finished, so nothing is retrained or rewritten, and the report still pools both
-    summaries = {p: p.read_bytes() for p in root.glob("*/seed*/summary.json")}
-    again = subprocess.run(
-        [*cmd[: cmd.index("--seeds") + 1], "1077,", *cmd[cmd.index("--seeds") + 2 :]],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stderr.count("nothing to do") == 2
-    assert {p: p.read_bytes() for p in summaries} == summaries
-    verdicts = json.loads((root / "report" / "report.json").read_text())
-    assert [c["n_seeds"] for c in verdicts["criteria"] if c["name"].startswith("no exploding")] == [
-        2
-    ]
 
 
 def _with_provenance(run, **changes):

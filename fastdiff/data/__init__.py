@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from fastdiff.data.batches import DeviceBatches, to_model_range
-from fastdiff.data.shards import MANIFEST, ShardImages, ShardStream, StreamBatches, read_shard
+from fastdiff.data.shards import (
+    MANIFEST,
+    ShardImages,
+    ShardStream,
+    StreamBatches,
+    first_readable_shard,
+    prepare_hint,
+)
 from fastdiff.data.sources import load_cifar10, load_digits, load_images
 
 __all__ = [
@@ -38,17 +45,16 @@ def path_problem(data_cfg) -> str | None:
     if data_cfg.name not in ("cifar10", "shards"):
         return None
     path = data_cfg.path
-    prepare = (
-        f"prepare shards with: python -m fastdiff.data.prepare cifar10 --src "
-        f"cifar-10-python.tar.gz --out {path or 'data/cifar10'}"
-    )
     if path is None or not Path(path).exists():
         where = "is not set" if path is None else f"={path} does not exist"
-        return f"data={data_cfg.name} needs data.path, which {where}: {prepare}, or use data=digits"
+        return (
+            f"data={data_cfg.name} needs data.path, which {where}: {prepare_hint(path)}, "
+            "or use data=digits"
+        )
     manifest = Path(path) / MANIFEST
     raw = Path(path).is_dir() and not manifest.exists() and list(Path(path).glob("*batch*"))
     if (data_cfg.name == "shards" or (Path(path).is_dir() and not raw)) and not manifest.is_file():
-        return f"data.path={path} has no {MANIFEST}: {prepare}"
+        return f"data.path={path} has no {MANIFEST}: {prepare_hint(path)}"
     if manifest.is_file():
         size = json.loads(manifest.read_text())["image_size"][0]
         if size != data_cfg.image_size:
@@ -86,7 +92,8 @@ def make_batches(data_cfg, batch_size: int, seed: int, rank: int, world_size: in
 
 
 def probe_pool(data_cfg, batches) -> torch.Tensor:
-    """uint8 images the curvature probe batch is drawn from (the first shard if streamed)."""
+    """uint8 images the curvature probe batch is drawn from (if streamed, the first of
+    this rank's shards that reads whole)."""
     if isinstance(batches, DeviceBatches):
         return batches.images.cpu()
-    return read_shard(batches.stream.urls[0])[0]
+    return first_readable_shard(batches.stream.urls)[0]

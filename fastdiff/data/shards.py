@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -24,20 +25,41 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from fastdiff.data.batches import to_model_range
+from fastdiff.data.sources import is_image_folder
+from fastdiff.errors import ConfigError
 from fastdiff.seeding import stream_seed
 
 MANIFEST = "manifest.json"
+SHARD_NAME = re.compile(r"shard-\d{6}\.tar")  # shard_name's output, and nothing else
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def prepare_hint(path: str | Path | None) -> str:
+    """The command that makes shards for ``data.path=path``. A folder of images is
+    prepared into a new folder, never into itself; otherwise CIFAR-10 from its archive."""
+    if path is not None and is_image_folder(path):
+        return (
+            f"make shards of its images with: python -m fastdiff.data.prepare NAME "
+            f"--src {path} --format folder --out NEW_FOLDER, then pass data.path=NEW_FOLDER"
+        )
+    # prepare refuses to write into a folder that holds anything else
+    fresh = path is None or not Path(path).exists()
+    fresh = fresh or (Path(path).is_dir() and not any(Path(path).iterdir()))
+    out = (path or "data/cifar10") if fresh else "NEW_FOLDER"
+    return (
+        "prepare shards with: python -m fastdiff.data.prepare cifar10 "
+        f"--src cifar-10-python.tar.gz --out {out}"
+    )
 
 
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     file = path / MANIFEST
     if not file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no {MANIFEST}: prepare shards with "
-            f"python -m fastdiff.data.prepare cifar10 --src "
-            f"cifar-10-python.tar.gz --out {path}"
-        )
+        raise FileNotFoundError(f"{path} has no {MANIFEST}: {prepare_hint(path)}")
     manifest = json.loads(file.read_text())
     missing = [s for s in manifest["shards"] if not (path / s).is_file()]
     if missing:
@@ -64,6 +86,22 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return (
         torch.stack([decode_png(s["png"]) for s in samples]),
         torch.tensor([int(s["cls"]) for s in samples]),
+    )
+
+
+def first_readable_shard(urls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of the first shard in ``urls`` that reads whole. A damaged one is
+    skipped with a warning, as the training stream skips it."""
+    for url in urls:
+        try:
+            return read_shard(url)
+        except Exception as exn:  # truncated tar, corrupt PNG: whatever the stream skips
+            warnings.warn(
+                f"skipping unreadable shard {url}: {type(exn).__name__}: {exn}", stacklevel=2
+            )
+    raise ConfigError(
+        f"no readable shard among {len(urls)} in {Path(urls[0]).parent}: "
+        "re-run python -m fastdiff.data.prepare with --force"
     )
 
 

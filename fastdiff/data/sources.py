@@ -4,6 +4,9 @@
   shipped with the package, no download), upscaled to the requested size as RGB.
 - ``cifar10``: the standard CIFAR-10 python archive (``cifar-10-python.tar.gz`` or
   its extracted ``cifar-10-batches-py`` folder), training batches 1-5.
+
+A folder of image files (``IMAGE_SUFFIXES``) is not loaded here: ``fastdiff.data.prepare``
+turns it into shards first.
 """
 
 from __future__ import annotations
@@ -17,6 +20,31 @@ import torch
 import torch.nn.functional as F
 
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden files and folders, and macOS's zip metadata (``._img.png`` AppleDouble files,
+    ``__MACOSX``): never images of the data set."""
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted, hidden ones left out."""
+    return sorted(
+        f
+        for f in folder.iterdir()
+        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not is_hidden(f)
+    )
+
+
+def is_image_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds image files, directly or in class sub-folders."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    folders = [path, *(d for d in path.iterdir() if d.is_dir() and not is_hidden(d))]
+    return any(image_files(d) for d in folders)
 
 
 def cifar_help(option: str = "data.path=FILE_OR_FOLDER") -> str:

@@ -1053,10 +1053,12 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
             "seed-to-seed spread is unknown), so these runs cannot say which side the arms "
             "are on; the detail says about how many seeds would decide it."
         )
-    if any(c.origin == EXTRA for c in crits):
+    extras = [c.name for c in crits if c.origin == EXTRA]
+    if extras:
         notes.append(
-            "Rows marked *fastdiff* are fastdiff's own checks, not written on the card "
-            "(the loss-scale confound, recall for 'mode collapse')."
+            "Not on the card, fastdiff's own checks (marked in the table): "
+            + "; ".join(extras)
+            + "."
         )
     return crits, notes
 
