@@ -353,15 +353,42 @@ def overrides_from_yaml(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
-    node = yaml.safe_load(path.read_text()) or {}
+    try:
+        node = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(node, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(node).__name__}, not a mapping of settings "
+            "(e.g. 'train:\\n  total_steps: 200')"
+        )
     out = []
     for entry in node.pop("defaults", []):
         if isinstance(entry, dict):
             for key, value in entry.items():
                 out.append(f"{key.removeprefix('override /')}={value}")
 
-    out += [f"{k}={'null' if v is None else v}" for k, v in dotted(node)]
+    out += [f"{k}={override_value(v)}" for k, v in dotted(node)]
     return out
+
+
+def override_value(value) -> str:
+    """A YAML value as Hydra's override grammar reads it back unchanged: strings quoted
+    (a comma, bracket or colon in a path is grammar otherwise), others as literals."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot use {value!r} ({type(value).__name__}) as a setting")
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -373,9 +400,10 @@ def compose(overrides: list[str]) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     for o in overrides:
-        if o.startswith("experiment=") and o.split("=", 1)[1] not in EXPERIMENTS:
+        name = o.split("=", 1)[1].strip("'\"") if o.startswith("experiment=") else None
+        if name is not None and name not in EXPERIMENTS:
             raise ConfigError(
-                f"unknown experiment {o.split('=', 1)[1]!r}: choose one of {', '.join(EXPERIMENTS)}"
+                f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)}"
             )
     build_store().add_to_hydra_store(overwrite_ok=True)
     GlobalHydra.instance().clear()
@@ -466,6 +494,13 @@ def _check_optim(cfg: Config) -> None:
         f"optim.name must be 'adam' or 'adamw' (decoupled weight decay), got {cfg.optim.name!r}",
     )
     need(cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for key in ("beta1", "beta2"):  # Adam's moment decays: 1 would never forget, ≥1 diverges
+        value = getattr(cfg.optim, key)
+        need(0 <= value < 1, f"optim.{key} must be in [0, 1), got {value}")
+    need(
+        cfg.optim.weight_decay >= 0,
+        f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}",
+    )
 
 
 def _check_train(cfg: Config) -> None:
@@ -533,7 +568,10 @@ def _check_sampling(cfg: Config) -> None:
         cfg.sampling.ddpm_variance in ("posterior", "beta"),
         f"sampling.ddpm_variance must be 'posterior' or 'beta', got {cfg.sampling.ddpm_variance!r}",
     )
-    for key, nfe in (("sampling.grid_nfe", cfg.sampling.grid_nfe), ("eval.nfe", cfg.eval.nfe)):
+    nfes = [("sampling.grid_nfe", cfg.sampling.grid_nfe)]
+    if cfg.eval.fid.enabled is not False:  # eval.nfe only matters when FID runs
+        nfes.append(("eval.nfe", cfg.eval.nfe))
+    for key, nfe in nfes:
         need(1 <= nfe <= cfg.diffusion.T, f"{key} must be in [1, T={cfg.diffusion.T}], got {nfe}")
     need(
         cfg.sampling.grid_images > 0 and cfg.sampling.grid_every > 0,
@@ -587,7 +625,7 @@ def _check_eval(cfg: Config) -> None:
         f"eval.fid.extractor must be auto, inception or digits, got {fid.extractor!r}",
     )
     need(
-        fid.extractor != "digits" or cfg.data.name == "digits",
+        fid.extractor != "digits" or cfg.data.name == "digits" or fid.enabled is False,
         f"eval.fid.extractor=digits is trained on the embedded digits; data={cfg.data.name} "
         "needs eval.fid.extractor=inception",
     )

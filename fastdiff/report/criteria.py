@@ -822,7 +822,11 @@ def loss_pathology(pairs: list[Pair], factor: float) -> Criterion:
         v = window(s[inside], v[inside], 0.75 * run.total_steps, run.total_steps)
         if not len(v):
             return None
-        return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
+        return (
+            float(v.mean()),
+            (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None),
+            len(v),
+        )
 
     def measure(base: Run, treat: Run):
         steps = set(base.series(key)[0].tolist()) & set(treat.series(key)[0].tolist())
@@ -832,7 +836,11 @@ def loss_pathology(pairs: list[Pair], factor: float) -> Criterion:
             return f"{short[0].stopped_at()}, before the last quarter" if short else None
         detail = f"{treat.name} {t[0]:.4g} vs {base.name} {b[0]:.4g}"
         detail += over_common(base, treat, steps, 0.75 * base.total_steps, base.total_steps)
-        return ratio_measure(t, b, detail)
+        m = ratio_measure(t[:2], b[:2], detail)
+        if m.se is not None:  # each window's SE comes from its few log steps: Student t
+            parts = [(x[1] / x[0]) ** 2 for x in (t, b)]
+            m.df = welch_df(parts, [t[2] - 1, b[2] - 1])
+        return m
 
     return judge(
         f"no loss pathology unique to Min-SNR (unweighted ε-MSE, last quarter, < {factor:g}× "
