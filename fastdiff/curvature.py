@@ -132,6 +132,8 @@ def probe_batch(images: torch.Tensor, n: int, T: int, seed: int):
     never on the weighting, so the paired runs of a card probe the same batch.
     ``images``: uint8 (N, C, H, W).
     """
+    if not 1 <= n <= images.shape[0]:
+        raise ValueError(f"a probe batch takes 1 to {images.shape[0]} images (the pool), not {n}")
     g = stream_generator(seed, "probe")
     idx = torch.randperm(images.shape[0], generator=g)[:n]
     x0 = images[idx].float() / 127.5 - 1
@@ -345,46 +347,7 @@ def _named(stats: dict[str, float], pattern: str) -> dict[str, float]:
     return {pattern.format(k): v for k, v in stats.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m fastdiff.curvature RUN_DIR [--step N] [--probes K]"""
-    import argparse
-    import json
-    from pathlib import Path
+if __name__ == "__main__":  # python -m fastdiff.curvature; the command is in curvature_cli
+    from fastdiff.curvature_cli import main
 
-    from fastdiff.config import ConfigError, load_run_config
-    from fastdiff.data import load_images
-    from fastdiff.rundir import find_checkpoint
-    from fastdiff.unet import build_model
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.curvature",
-        description="Hutchinson trace of a saved checkpoint's "
-        "training loss, on the run's fixed probe batch.",
-    )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--probes", type=int, help="number of probe vectors (default: the run's)")
-    parser.add_argument("--batch-size", type=int, help="probe batch size (default: the run's)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_run_config(args.run_dir)
-        step, ckpt = find_checkpoint(args.run_dir, args.step)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"fastdiff.curvature: error: {err}")
-        return 2
-    cfg.curvature.probes = args.probes or cfg.curvature.probes
-    cfg.curvature.batch_size = args.batch_size or cfg.curvature.batch_size
-    images = load_images(cfg.data.name, cfg.data.path, cfg.data.image_size)
-    model = build_model(
-        cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
-    )
-    model.load_state_dict(torch.load(ckpt, map_location="cpu")["model"])
-    if cfg.model.channels_last:  # as trained; the Taylor probe's convolutions prefer it
-        model = model.to(memory_format=torch.channels_last)
-    probes = RunProbes(images, cfg, Objective.of(cfg, "cpu"), "cpu")
-    print(json.dumps({"step": step, "probes": cfg.curvature.probes, **probes(model)}))
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,92 @@
-"""python -m fastdiff.eval RUN_DIR [--step N] [--nfe 50] [--samples 10000] [--sampler ddpm]"""
+"""``python -m fastdiff.eval RUN_DIR``: FID/KID of a saved checkpoint's EMA weights.
 
-from fastdiff.fid import main
+Writes ``eval_step{STEP}_{SAMPLER}{NFE}_n{SAMPLES}.json`` into the run directory and
+prints the same row. Bad input is one line on stderr and exit 2, before any sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fastdiff.config import load_run_config, need
+from fastdiff.diffusion import Schedule
+from fastdiff.errors import guarded
+from fastdiff.fid import build_evaluator, chosen_extractor, generate, resolve_weights
+from fastdiff.restore import host_batches, model_from_checkpoint
+from fastdiff.rundir import find_checkpoint, write_text
+from fastdiff.sampling import SAMPLERS
+from fastdiff.tuning import reuse_freed_memory
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastdiff.eval", description="FID/KID of a saved checkpoint's EMA weights."
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--nfe", type=int, default=50, help="sampler steps, in [1, T]")
+    p.add_argument("--samples", type=int, default=10_000, help="images sampled, >= 2")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
+    p.add_argument("--batch-size", type=int, default=256, help="images per sampling batch")
+    p.add_argument("--weights", help="Inception weights file (default: the run's, or torch hub's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not torch.cuda.is_available():  # sampling batches of 100+ images: fastdiff.tuning
+        reuse_freed_memory()
+    return guarded(lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    # FID needs a covariance of the samples' features: at least two of them.
+    need(args.samples >= 2, f"--samples must be >= 2, got {args.samples}")
+    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    cfg = load_run_config(args.run_dir)
+    step, ckpt = find_checkpoint(args.run_dir, args.step)
+    T = cfg.diffusion.T
+    need(1 <= args.nfe <= T, f"--nfe must be in [1, T={T}], got {args.nfe}")
+    fid = cfg.eval.fid
+    fid.weights_path = args.weights or fid.weights_path
+    if chosen_extractor(fid, cfg.data.name) == "inception":
+        # Resolved here rather than in build_evaluator, so that an error names --weights.
+        fid.weights_path = str(resolve_weights(fid.weights_path, option="--weights"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluator, _ = build_evaluator(cfg, host_batches(cfg), device, explicit=True)
+    model = model_from_checkpoint(cfg, ckpt, "ema", device)
+    schedule = Schedule.make(cfg.diffusion.beta_schedule, T)
+    start = time.perf_counter()
+    samples = generate(
+        model,
+        schedule,
+        range(args.samples),
+        (3, cfg.data.image_size, cfg.data.image_size),
+        args.sampler,
+        args.nfe,
+        cfg.eval.seed,
+        args.batch_size,
+        progress=True,
+    )
+    result = {
+        "step": step,
+        "sampler": args.sampler,
+        "nfe": args.nfe,
+        "samples": args.samples,
+        **{f"eval/fid/{k}": v for k, v in evaluator(samples).items()},
+        "fid_provenance": {**evaluator.provenance, "sampler": args.sampler, "nfe": args.nfe},
+        "seconds": time.perf_counter() - start,
+    }
+    name = f"eval_step{step:07d}_{args.sampler}{args.nfe}_n{args.samples}.json"
+    write_text(args.run_dir / name, json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from fastdiff.errors import FIDUnavailable
 from fastdiff.sampling import SAMPLERS, to_uint8
 from fastdiff.seeding import stream_generator
 from fastdiff.stats import bootstrap_fid, frechet_from_features, sqrt_psd
-from fastdiff.tuning import reuse_freed_memory
 
 log = logging.getLogger("fastdiff")
 
@@ -174,13 +172,21 @@ def too_costly(cfg, cuda: bool) -> str | None:
     )
 
 
-def resolve_weights(weights_path: str | None, download: bool = True) -> Path:
-    """eval.fid.weights_path, else the torch hub cache, else a download into that cache."""
+WEIGHTS_OPTION = "eval.fid.weights_path"
+
+
+def resolve_weights(
+    weights_path: str | None, download: bool = True, option: str = WEIGHTS_OPTION
+) -> Path:
+    """eval.fid.weights_path, else the torch hub cache, else a download into that cache.
+
+    ``option``: how the caller's user gives the path (a command's own flag), named in
+    the errors so that the fix they suggest is one the user can type."""
     if weights_path:
         path = Path(weights_path)
         if not path.is_file():
             raise FIDUnavailable(
-                f"eval.fid.weights_path={weights_path} does not exist: point it "
+                f"{option}={weights_path} does not exist: point it "
                 f"at {WEIGHTS_NAME} (from {WEIGHTS_URL})"
             )
         return path
@@ -195,10 +201,10 @@ def resolve_weights(weights_path: str | None, download: bool = True) -> Path:
         except Exception:  # no network: say where the file goes
             if hub.exists():
                 hub.unlink()
+    off = " (or turn FID off with eval.fid.enabled=false)" if option == WEIGHTS_OPTION else ""
     raise FIDUnavailable(
         f"FID needs the Inception weights {WEIGHTS_NAME}, which could not be "
-        f"downloaded: put the file at {hub} or pass eval.fid.weights_path=FILE "
-        "(or turn FID off with eval.fid.enabled=false)"
+        f"downloaded: put the file at {hub} or pass {option}=FILE{off}"
     )
 
 
@@ -244,6 +250,10 @@ def generate(
     progress: bool = False,
 ) -> torch.Tensor:
     """Samples ``indices`` as uint8 (len(indices), C, H, W) in a (pinned) host buffer."""
+    # The buffer is uninitialised memory until a batch lands in it: a batch size that
+    # fills none of it (range(0, n, -5) is empty) must not hand it back as samples.
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
     pinned = device.type == "cuda"
     out = torch.empty((len(indices), *image_shape), dtype=torch.uint8, pin_memory=pinned)
@@ -460,74 +470,3 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> tuple[FIDEvaluator 
         images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device, extractor=extractor
     )
     return evaluator, ""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m fastdiff.eval RUN_DIR [--step N] [--nfe 50] [--samples 10000] [--sampler ddpm]"""
-    import argparse
-
-    from fastdiff.config import ConfigError, load_run_config
-    from fastdiff.data import make_batches
-    from fastdiff.rundir import find_checkpoint, write_text
-    from fastdiff.unet import build_model
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fastdiff.eval", description="FID/KID of a saved checkpoint's EMA weights."
-    )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--nfe", type=int, default=50)
-    parser.add_argument("--samples", type=int, default=10_000)
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--weights", help="Inception weights file (eval.fid.weights_path)")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":  # sampling batches of 100+ images: fastdiff.tuning
-        reuse_freed_memory()
-    try:
-        cfg = load_run_config(args.run_dir)
-        step, ckpt = find_checkpoint(args.run_dir, args.step)
-        if not 1 <= args.nfe <= cfg.diffusion.T:
-            raise ConfigError(f"--nfe must be in [1, {cfg.diffusion.T}], got {args.nfe}")
-        if args.samples < 2:
-            raise ConfigError(f"--samples must be >= 2, got {args.samples}")
-        cfg.eval.fid.weights_path = args.weights or cfg.eval.fid.weights_path
-        batches = make_batches(cfg.data, 1, 0, 0, 1, "cpu")
-        evaluator, _ = build_evaluator(cfg, batches, device, explicit=True)
-    except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
-        print(f"fastdiff.eval: error: {err}")
-        return 2
-    model = build_model(
-        cfg.model.name, cfg.model.base_channels, cfg.model.dropout, cfg.data.image_size
-    )
-    model.load_state_dict(torch.load(ckpt, map_location="cpu")["ema"])
-    model.to(device).eval()
-    schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-    start = time.perf_counter()
-    samples = generate(
-        model,
-        schedule,
-        range(args.samples),
-        (3, cfg.data.image_size, cfg.data.image_size),
-        args.sampler,
-        args.nfe,
-        cfg.eval.seed,
-        args.batch_size,
-        progress=True,
-    )
-    result = {
-        "step": step,
-        "sampler": args.sampler,
-        "nfe": args.nfe,
-        "samples": args.samples,
-        **{f"eval/fid/{k}": v for k, v in evaluator(samples).items()},
-        "fid_provenance": {**evaluator.provenance, "sampler": args.sampler, "nfe": args.nfe},
-        "seconds": time.perf_counter() - start,
-    }
-    write_text(
-        args.run_dir / f"eval_step{step:07d}_{args.sampler}{args.nfe}_n{args.samples}.json",
-        json.dumps(result, indent=1) + "\n",
-    )
-    print(json.dumps(result))
-    return 0

@@ -254,7 +254,7 @@ def test_probe_does_not_change_training(tmp_path):
 
 
 def test_standalone_command_measures_a_checkpoint(tmp_path, capsys):
-    from fastdiff.curvature import main
+    from fastdiff.curvature_cli import main
     from fastdiff.trainer import training_loop
 
     training_loop(_cfg(tmp_path, "loss=minsnr", "curvature.every=100"))
@@ -264,7 +264,7 @@ def test_standalone_command_measures_a_checkpoint(tmp_path, capsys):
     assert row["step"] == 3 and row["probes"] == 2
     assert "curvature/hutch_trace_mean_unweighted" in row
     assert main([str(run_dir), "--step", "5"]) == 2
-    assert "no checkpoint for step 5" in capsys.readouterr().out
+    assert "no checkpoint for step 5" in capsys.readouterr().err
 
 
 def test_minsnr_mean_weight_matches_the_issue_figures():

@@ -192,7 +192,7 @@ def test_training_logs_milestone_and_final_fid(inception_weights, tmp_path):
         "grid_0000006.png",
     ]
 
-    from fastdiff.fid import main as eval_main
+    from fastdiff.eval import main as eval_main
 
     assert (
         eval_main(
