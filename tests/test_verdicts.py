@@ -183,3 +183,18 @@ def test_one_seed_never_decides_the_arms(tmp_path, status):
     assert crit.interval is None and "--seeds 3" in crit.detail
     data = crit.as_json()
     assert data["seed_pair"]["status"] == PASS and data["arms"]["status"] == status
+
+
+def test_the_fid_gap_compares_pairs_that_differ_only_in_schedule(tmp_path):
+    runs = [
+        make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0),
+        make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=11.0),
+        make_run(tmp_path / "c", "e5", "uniform", "linear", final_fid=10.0),
+        make_run(tmp_path / "d", "e6", "minsnr", "linear", final_fid=10.5),
+    ]
+    gap = [c for c in evaluate(runs, "e9")[0] if c.name.startswith("FID gap")]
+    assert one_seed(gap[0]).status == FAIL  # 1.10× − 1.05× > 0, with no FID error
+    for run in runs[2:]:
+        run.config["optim"] = {"lr": 1e-3}
+    gap = [c for c in evaluate(runs, "e9")[0] if c.name.startswith("FID gap")]
+    assert gap[0].status == NA and "optim.lr 0.001 vs None" in gap[0].detail

@@ -1053,7 +1053,19 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
         ]
         linear, _ = matched(pairs_of(runs, "linear"), VARIES[card])
         if linear:
-            crits.append(fid_gap_persists(linear, pairs))
+            # the linear pair stands in for the cosine one's: only the schedule may differ
+            cosine = {b.seed: b for b, _ in pairs}
+            across = VARIES[card] | {"diffusion.beta_schedule"}
+            why = [
+                f"seed {b.seed}: the linear and cosine pairs differ in "
+                + "; ".join(f"{k} {_values(v)}" for k, v in diff.items())
+                for b, _ in linear
+                if b.seed in cosine and (diff := differing([b, cosine[b.seed]], across))
+            ]
+            crit = fid_gap_persists(linear, pairs)
+            crits.append(
+                Criterion(crit.name, NA, "not evaluable: " + " | ".join(why)) if why else crit
+            )
     crits = lead + crits
     if any(c.status == INCONCLUSIVE for c in crits):
         notes.append(
