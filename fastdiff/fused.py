@@ -33,6 +33,7 @@ from torch.func import functional_call, vmap
 
 from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
+from fastdiff.errors import BAD_INPUT, fail
 from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, amp_precision, dropout_mask
@@ -297,6 +298,12 @@ class FusedRuns:
         for tr in live:
             tr.signals = signals  # one handler for the process: every run stops on it
         with signals.caught():
+            for tr in list(live):  # the jobs a signal cut short before their checkpoint
+                try:
+                    tr.redo_jobs()
+                except Stopped as stop:
+                    live.remove(tr)
+                    results[id(tr)] = self._finish(tr, stop)
             for step in range(self.start_step, live[0].cfg.train.total_steps):
                 if not live:
                     break
@@ -365,9 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = study_configs(args.card, args.overrides, args.seeds, root)
         apply_host_tuning(cfgs[0])
         fused = FusedRuns(cfgs)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"fastdiff.fused: error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as err:
+        return fail(str(err))
     except Stopped as done:
         print(f"fastdiff.fused: {done}", file=sys.stderr)
         return done.exit_code

@@ -9,7 +9,7 @@ import logging
 import sys
 
 from fastdiff.config import EXPERIMENTS, ConfigError, compose, overrides_from_yaml, to_config
-from fastdiff.fid import FIDUnavailable
+from fastdiff.errors import BAD_INPUT, fail
 from fastdiff.tuning import reuse_freed_memory
 
 log = logging.getLogger("fastdiff")
@@ -91,9 +91,8 @@ def run(node) -> int:
         except Stopped as stop:
             print(f"fastdiff: {stop}", file=sys.stderr)
             return stop.exit_code
-    except (ConfigError, FileNotFoundError, FIDUnavailable) as err:
-        print(f"fastdiff: error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as err:
+        return fail(str(err))
     keys = ("step", "train/loss", "wall_time_s", "images_per_sec")
     log.info("done: %s", {k: summary[k] for k in keys if k in summary})
     return 0
@@ -142,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(overrides)
         node = compose(overrides)
     except ConfigError as err:
-        print(f"fastdiff: error: {err}", file=sys.stderr)
-        return 2
+        return fail(str(err))
     if print_cfg:
         from omegaconf import OmegaConf
 
