@@ -1,15 +1,18 @@
 """Checkpoints: what a run needs to continue exactly, written atomically.
 
 A checkpoint holds the model, the EMA, the optimizer, the grad scaler, the step, the
-resolved config, the process count and the run's progress so far (time, images,
-segments). Every random stream (data order, flips, timesteps, noise, dropout,
+resolved config, the process count, the run's progress so far (time, images,
+segments), the open log window's sums (so the first log after a resume averages the
+same steps as without one) and the periodic jobs a signal cut short at its step
+(redone on resume). Every random stream (data order, flips, timesteps, noise, dropout,
 probes, grid and FID sampling) is keyed by (seed, step), so the step restores each
 of them exactly; a WebDataset stream restarts at the beginning of the epoch the
 step falls in.
 
 Resuming continues the same arm or refuses: the settings that define what is
 trained (:data:`DEFINING`) must equal the checkpoint's. Starting a new run from
-other weights on purpose is ``train.init_from``.
+other weights on purpose is ``train.init_from``. A run directory holds one run
+(:func:`claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from fastdiff.config import ConfigError
-from fastdiff.rundir import checkpoints, save_torch
+from fastdiff.errors import ConfigError
+from fastdiff.rundir import checkpoints, records, save_torch
 
 log = logging.getLogger("fastdiff")
 
@@ -80,12 +83,24 @@ class Checkpoint:
     def release_weights(self) -> None:
         """Drop the tensors once restored; the run keeps only the record (step, config,
         progress) for the rest of its life, not a second copy of model and optimizer."""
-        self.state = {k: self.state[k] for k in ("step", "config", "progress") if k in self.state}
+        kept = ("step", "config", "progress", "window", "pending_jobs")
+        self.state = {k: self.state[k] for k in kept if k in self.state}
 
     @property
     def progress(self) -> dict:
         """Time, images and segments of the run up to this checkpoint."""
         return self.state.get("progress") or {}
+
+    @property
+    def window(self) -> dict | None:
+        """The open log window's sums (:meth:`fastdiff.window.Window.state`); None in
+        checkpoints written before they carried it."""
+        return self.state.get("window")
+
+    @property
+    def pending_jobs(self) -> list[str]:
+        """Periodic jobs due at this step that a signal cut short: redone on resume."""
+        return list(self.state.get("pending_jobs") or [])
 
     @property
     def run_dir(self) -> Path | None:
@@ -204,9 +219,12 @@ def save_checkpoint(
     ema,
     optimizer,
     scaler,
+    *,
     config: str,
     processes: int,
     progress: dict,
+    window: dict,
+    pending_jobs: list[str],
 ) -> None:
     """``config``: the run's config.yaml text (with its parent record, if any)."""
     state = {
@@ -218,6 +236,8 @@ def save_checkpoint(
         "config": config,
         "processes": processes,
         "progress": progress,
+        "window": window,
+        "pending_jobs": pending_jobs,
     }
     save_torch(state, path)
 
@@ -284,7 +304,9 @@ def check_start(cfg, resumed: Checkpoint | None, parent: Checkpoint | None, proc
 
     if resumed is not None:
         check_resumable(resumed, cfg, processes)
-        if resumed.step >= cfg.train.total_steps:
+        total = cfg.train.total_steps
+        redo = resumed.step == total and resumed.pending_jobs  # e.g. a final FID cut short
+        if resumed.step >= total and not redo:
             raise Finished(
                 resumed.step,
                 f"{resumed.run_dir or resumed.path} is already at step {resumed.step} of "
@@ -293,3 +315,39 @@ def check_start(cfg, resumed: Checkpoint | None, parent: Checkpoint | None, proc
             )
     if parent is not None:
         check_architecture(parent, cfg)
+
+
+def claim_run_dir(cfg, resumed: Checkpoint | None, run_dir: Path) -> bool:
+    """A run directory holds one run. Before anything is written, refuse (one line) a
+    run that would write into a folder holding another run's records: a new run, or a
+    resume from a checkpoint outside the folder. ``train.resume=auto`` of a run that
+    never checkpointed starts it again from step 0 if its config.yaml is of this arm;
+    returns True then (its metrics are dropped, not logged twice)."""
+    found = records(run_dir)
+    if not found:
+        return False
+    if resumed is not None:
+        if resumed.path.resolve().parent == (run_dir / "checkpoints").resolve():
+            return False
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(found)}): checkpoint {resumed.path} "
+            "continues in its own run directory, or with train.run_dir= an empty folder"
+        )
+    saved = run_dir / "config.yaml"
+    if cfg.train.resume != "auto" or not saved.is_file() or checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(found)}): continue it with "
+            f"train.resume=auto train.run_dir={run_dir}, or give a new run another "
+            "train.run_dir"
+        )
+    config = yaml.safe_load(saved.read_text()) or {}
+    changed = changed_settings(config, cfg, DEFINING)
+    if config.get("parent") is not None:
+        changed.append(f"train.init_from={config['parent'].get('checkpoint')} (this run: none)")
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run of another arm that never checkpointed: "
+            f"{'; '.join(changed)}. Give this run another train.run_dir"
+        )
+    log.info("train.resume=auto: %s has no checkpoint yet: starting it again from step 0", run_dir)
+    return True

@@ -1,7 +1,9 @@
 """The run's periodic work on the EMA weights: sample grids and FID.
 
 Each job is called with the step and the model to evaluate; the trainer decides when
-(:meth:`fastdiff.trainer.Trainer.jobs`).
+(:meth:`fastdiff.trainer.Trainer.jobs`) and hands them the model as
+:class:`Interruptible`, so a signal ends a grid or an FID generation at its next
+sampler step.
 """
 
 from __future__ import annotations
@@ -19,8 +21,24 @@ from fastdiff.fid import FIDEvaluator, generate, shard_of
 from fastdiff.rundir import MetricsLog, atomic_path, write_text
 from fastdiff.sampling import sample
 from fastdiff.seeding import stream_generator
+from fastdiff.stopping import JobInterrupted
 
 log = logging.getLogger("fastdiff")
+
+
+class Interruptible(torch.nn.Module):
+    """``model`` as a job sees it: each call, one sampler step of one batch, first asks
+    ``should_stop`` and raises JobInterrupted if it says so. The samplers and FID's
+    generation loop then stop between steps without a stop argument of their own."""
+
+    def __init__(self, model: torch.nn.Module, should_stop):
+        super().__init__()
+        self.model, self.should_stop = model, should_stop
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.should_stop():
+            raise JobInterrupted
+        return self.model(x, t)
 
 
 class Grids:

@@ -9,7 +9,9 @@
         summary.json      final metrics, wall time, images/s
 
 Every file is written to a temporary name in the same folder and renamed into
-place, so a crash never leaves a truncated checkpoint, grid or summary.
+place, so a crash never leaves a truncated checkpoint, grid or summary. A run
+directory holds one run: a new run refuses a folder that holds another's records
+(:func:`records`, checked in :func:`fastdiff.checkpoint.claim_run_dir`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+
+from fastdiff.errors import ConfigError
 
 
 @contextmanager
@@ -62,8 +66,6 @@ def run_dir_for(cfg, resumed_run_dir: Path | None) -> Path:
 
 
 def make_run_dir(path: Path) -> None:
-    from fastdiff.config import ConfigError
-
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -95,21 +97,41 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*.pt"))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name (``step_0001000.pt`` -> 1000)."""
+    return int(path.name.split(".")[0].split("_")[1])
+
+
+def records(run_dir: Path) -> list[str]:
+    """What ``run_dir`` holds of a run's records: the files a run writes, checkpoints
+    (set-aside ones too) counted. Empty for a new folder or one of unrelated files."""
+    names = ("config.yaml", "metrics.jsonl", "summary.json")
+    found = [name for name in names if (run_dir / name).exists()]
+    if list(run_dir.glob("events.out.tfevents.*")):
+        found.append("TensorBoard events")
+    saved = list((run_dir / "checkpoints").glob("step_*"))
+    if saved:
+        found.append(f"{len(saved)} checkpoint{'s' * (len(saved) > 1)}")
+    if list((run_dir / "samples").glob("*")):
+        found.append("samples")
+    return found
+
+
 def find_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, Path]:
     """(step, path) of a run's checkpoint at ``step``, or its latest."""
-    from fastdiff.config import ConfigError
-
-    found = {int(p.stem.split("_")[1]): p for p in checkpoints(Path(run_dir))}
-    step = step if step is not None else max(found, default=None)
+    found = {checkpoint_step(p): p for p in checkpoints(Path(run_dir))}
+    if not found:
+        raise ConfigError(f"{run_dir} has no checkpoints (checkpoints/step_*.pt)")
+    step = step if step is not None else max(found)
     if step not in found:
-        raise ConfigError(
-            f"{run_dir} has no checkpoint for step {step}: it has {sorted(found) or 'none'}"
-        )
+        raise ConfigError(f"{run_dir} has no checkpoint for step {step}: it has {sorted(found)}")
     return step, found[step]
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard, written by the main process only."""
+    """metrics.jsonl and TensorBoard, written by the main process only. A resumed run
+    (``resume_step``) first drops what was logged past that step; a run that starts
+    again from step 0 drops everything, as it logs step 0 again."""
 
     def __init__(
         self,
@@ -121,20 +143,21 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.last_train: dict = {}  # the last kept train/loss row, for a resumed summary
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             # Drop what the interrupted run logged past its last checkpoint.
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
-            write_text(self.path, "".join(f"{line}\n" for line in kept))
+            through = resume_step if resume_step > 0 else -1
+            lines = [line for line in self.path.read_text().splitlines() if line]
+            kept = [(x, row) for x in lines if (row := json.loads(x)).get("step", 0) <= through]
+            write_text(self.path, "".join(f"{line}\n" for line, _ in kept))
+            train = [row for _, row in kept if "train/loss" in row]
+            self.last_train = {k: v for k, v in train[-1].items() if k != "step"} if train else {}
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir), purge_step=resume_step)
-        if hparams is not None and resume_step is None:
+        if hparams is not None and not resume_step:
             self.tb.add_text("config", json.dumps(hparams(), indent=1, default=str))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

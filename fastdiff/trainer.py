@@ -24,14 +24,16 @@ from fastdiff.config import Config, flat
 from fastdiff.curvature import RunProbes
 from fastdiff.data import make_batches, probe_pool
 from fastdiff.ema import EMA
+from fastdiff.errors import ConfigError
 from fastdiff.fid import build_evaluator
 from fastdiff.flat import backs
 from fastdiff.flops import peak_flops, train_step_flops
-from fastdiff.jobs import FIDJob, Grids
+from fastdiff.jobs import FIDJob, Grids, Interruptible
 from fastdiff.objective import Objective
 from fastdiff.optim import FlatAdam
 from fastdiff.rundir import (
     MetricsLog,
+    checkpoint_step,
     checkpoints,
     config_yaml,
     make_run_dir,
@@ -39,7 +41,14 @@ from fastdiff.rundir import (
     write_text,
 )
 from fastdiff.seeding import step_draws, stream_seed
-from fastdiff.stopping import Preempted, Signals, Stopped, agreed_signal, check_finite
+from fastdiff.stopping import (
+    JobInterrupted,
+    Preempted,
+    Signals,
+    Stopped,
+    agreed_signal,
+    check_finite,
+)
 from fastdiff.stopping import status as stop_status
 from fastdiff.tuning import amp_precision
 from fastdiff.unet import build_model
@@ -61,6 +70,8 @@ class Trainer:
         self.parent = ckpt.read_checkpoint(Path(init_from)) if init_from else None
         ckpt.check_start(cfg, self.resumed, self.parent, acc.num_processes)
         self.start_step = self.resumed.step if self.resumed is not None else 0
+        # One run per run directory: a folder holding another run is refused untouched.
+        self.run_dir, self.restarted = self._claim_run_dir()
         # Data next: a missing or unreadable data set fails before anything is written.
         where = (acc.process_index, acc.num_processes, self.device)
         self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, *where)
@@ -73,7 +84,6 @@ class Trainer:
         self.objective = Objective.of(cfg, self.device)
         self.schedule = self.objective.schedule
         self._build_model()
-        self.run_dir = self._run_dir()
         self._start_record()
 
     @staticmethod
@@ -82,7 +92,8 @@ class Trainer:
         return Accelerator(mixed_precision=amp_precision(cfg.train.amp, cuda), cpu=not cuda)
 
     def _start_record(self) -> None:
-        """The weights to start from, then config.yaml, the metrics log and the jobs."""
+        """The weights to start from, then the run dir, config.yaml, the metrics log and
+        the jobs."""
         cfg, state = self.cfg, (self.module, self.ema, self.optimizer, self.acc.scaler)
         parent = ckpt.start_from(cfg, self.resumed, self.parent, *state, self.device)
         if self.resumed is not None:
@@ -90,8 +101,15 @@ class Trainer:
             log.info("resumed from %s at step %d", self.resumed.path, self.start_step)
         self.config_text = config_yaml(cfg, parent)
         if self.main:
+            make_run_dir(self.run_dir)
+            if self.resumed is not None and self.resumed.run_dir is None:
+                log.info(
+                    "%s is not in a run directory: continuing in %s",
+                    self.resumed.path,
+                    self.run_dir,
+                )
             write_text(self.run_dir / "config.yaml", self.config_text)
-        resumed_at = self.start_step if self.resumed else None
+        resumed_at = self.start_step if self.resumed or self.restarted else None
         self.metrics = MetricsLog(self.run_dir, self.main, resumed_at, lambda: flat(cfg))
         self.reference_images = probe_pool(cfg.data, self.batches)  # uint8, for probes/stats
         if cfg.curvature.enabled:
@@ -143,16 +161,22 @@ class Trainer:
                 self.objective, fullgraph=fullgraph, backend=cfg.train.compile_backend
             )
 
-    def _run_dir(self) -> Path:
+    def _claim_run_dir(self) -> tuple[Path, bool]:
+        """Rank 0's run directory, checked before anything is written
+        (:func:`fastdiff.checkpoint.claim_run_dir`), and whether the run starts again
+        from step 0 in a folder of its own that has no checkpoint yet."""
         resumed_dir = self.resumed.run_dir if self.resumed is not None else None
-        shared = [str(run_dir_for(self.cfg, resumed_dir))]
-        broadcast_object_list(shared)  # every rank writes into rank 0's directory
-        path = Path(shared[0])
+        path = run_dir_for(self.cfg, resumed_dir)
+        shared = [str(path), "", False]  # path, refusal, restart
         if self.main:
-            make_run_dir(path)
-            if self.resumed is not None and resumed_dir is None:
-                log.info("%s is not in a run directory: continuing in %s", self.resumed.path, path)
-        return path
+            try:
+                shared[2] = ckpt.claim_run_dir(self.cfg, self.resumed, path)
+            except ConfigError as err:
+                shared[1] = str(err)
+        broadcast_object_list(shared)  # every rank writes into rank 0's directory, or none
+        if shared[1]:
+            raise ConfigError(shared[1])
+        return Path(shared[0]), bool(shared[2])
 
     @property
     def _probe_every(self) -> int:
@@ -194,10 +218,8 @@ class Trainer:
         grid_due = every(c.sampling.grid_every)
         if self.fid is not None:
             milestone = every(c.eval.milestone_every)
-            jobs.append((milestone, lambda s: self.fid_job.milestone(s, self.ema.model)))
-            jobs.append(
-                (lambda done: done == total, lambda s: self.fid_job.final(s, self.ema.model))
-            )
+            jobs.append((milestone, self._fid_milestone))
+            jobs.append((lambda done: done == total, self._fid_final))
             grid_due = lambda done, g=grid_due: g(done) or milestone(done)  # noqa: E731
         jobs.append((grid_due, self._save_grid))
         jobs.append((every(c.train.ckpt_every), self._save_checkpoint))
@@ -211,6 +233,7 @@ class Trainer:
         stop = None
         with self.signals.caught():
             try:
+                self.redo_jobs()
                 for step in range(self.start_step, self.cfg.train.total_steps):
                     self.after_step(step, self._timed_step(step))
             except Stopped as err:
@@ -239,10 +262,18 @@ class Trainer:
         )
         before = self.resumed.progress if self.resumed is not None else {}
         self.progress = Progress(before, self.start_step, self._images_per_step)
-        self.window, self.last = self._new_window(), {}
+        self.window, self.last = self._new_window(), self.metrics.last_train
+        if self.resumed is not None and not self.window.carry(self.resumed.window, self.main):
+            log.info("the checkpoint kept no open log window: the first log averages fewer steps")
         if self.start_step == 0:  # E_t[w(t)]: how much the weighting rescales the loss
             self.metrics.log(0, {"loss/mean_weight": self.objective.weights.mean().item()})
-        self._jobs, self.signals = self.jobs(), Signals()
+        # Jobs are cut short by a signal only in a single process: the ranks of several
+        # would leave their collectives at different points; they agree at a step instead.
+        one = self.acc.num_processes == 1
+        self._jobs, self.signals = self.jobs(), Signals(interrupt_jobs=one, announce=self.main)
+        # (late-bound: a fused study hands every run one Signals after begin)
+        self._job_model = Interruptible(self.ema.model, lambda: self.signals.stop_job())
+        self._saved_at: int | None = None  # the step of the last checkpoint written
 
     def after_step(self, step: int, out: StepOut) -> None:
         """Account the step, log at the cadence, run the jobs that are due, and stop
@@ -252,12 +283,48 @@ class Trainer:
         done, total = step + 1, self.cfg.train.total_steps
         if done % self.cfg.train.log_every == 0 or done == total:
             self._log(done)  # and a new window, which excludes the jobs' time
-        for due, job in self._jobs:
-            if due(done):
-                t0 = time.perf_counter()
-                job(done)
-                self.window.excluded += time.perf_counter() - t0
-        self._maybe_preempt(done)
+        cut = self._run_jobs(done, [job for due, job in self._jobs if due(done)])
+        self._maybe_preempt(done, cut)
+
+    def redo_jobs(self) -> None:
+        """The jobs a signal cut short at the resumed checkpoint's step, then that
+        checkpoint again without them (a run resumed at total_steps is then finished)."""
+        names = self.resumed.pending_jobs if self.resumed is not None else []
+        if not names:
+            return
+        log.info("step %d: redoing %s (cut short by a signal)", self.start_step, ", ".join(names))
+        by_name = {_job_name(job): job for _, job in self._jobs}
+        jobs = [by_name[name] for name in names if name in by_name]
+        cut = self._run_jobs(self.start_step, [*jobs, self._save_checkpoint])
+        self._maybe_preempt(self.start_step, cut)
+
+    def _run_jobs(self, done: int, jobs: list) -> list[str]:
+        """Run ``jobs`` for step ``done``, in order. Once a signal has come, the jobs on
+        the weights stop at their next sampler step or do not start: their names are
+        returned, for the checkpoint of :meth:`_maybe_preempt` to keep and the resumed
+        run to redo (the periodic checkpoint then waits for that one)."""
+        cut: list[str] = []
+        for job in jobs:
+            if job == self._save_checkpoint:
+                if not cut:
+                    self._timed(job, done)
+                continue
+            if not cut and not self.signals.stop_job():
+                try:
+                    with self.signals.job():
+                        self._timed(job, done)
+                    continue
+                except JobInterrupted:
+                    pass
+            cut.append(_job_name(job))
+        return cut
+
+    def _timed(self, job, done: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            job(done)
+        finally:
+            self.window.excluded += time.perf_counter() - t0
 
     def finish(self, stop: Stopped | None) -> dict:
         """summary.json (and the report); re-raises ``stop`` once they are written."""
@@ -267,7 +334,7 @@ class Trainer:
         self.metrics.close()
         if self.main:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-            if self.cfg.train.report:
+            if self.cfg.train.report and not self.signals.hard:  # a second signal: no report
                 from fastdiff.report import Run, write_report
 
                 report = write_report([Run.load(self.run_dir)], self.run_dir / "report")
@@ -326,7 +393,7 @@ class Trainer:
         w, world = self.window, self.acc.num_processes
         sums = self.acc.reduce(w.sums(), reduction="sum").tolist()
         if sums[3] and self.cfg.train.on_nonfinite == "stop":
-            self._check_finite()
+            self._check_finite(done)
         metrics = w.metrics(sums, w.steps * self._images_per_step, world, self.step_flops)
         metrics["train/lr"] = self.cfg.optim.lr
         metrics["data/skipped"] = self._total_skipped()
@@ -348,24 +415,29 @@ class Trainer:
             )
         self.window = self._new_window()
 
-    def _maybe_preempt(self, done: int) -> None:
-        """SIGTERM/SIGINT: checkpoint and stop."""
+    def _maybe_preempt(self, done: int, cut: list[str]) -> None:
+        """SIGTERM/SIGINT: checkpoint (with the jobs ``cut`` short) and stop. A signal
+        at the last step, with no job cut short, lets the run finish."""
         every = self.cfg.train.preempt_check_every
-        if done >= self.cfg.train.total_steps or not agreed_signal(
-            self.acc, self.signals, done, every
+        if not cut and (
+            done >= self.cfg.train.total_steps
+            or not agreed_signal(self.acc, self.signals, done, every)
         ):
             return
-        self._save_checkpoint(done)
+        if cut or self._saved_at != done:
+            self._save_checkpoint(done, cut)
         self.metrics.log(done, {"event/preempted": 1})
+        redo = f" ({', '.join(cut)} cut short: redone on resume)" if cut else ""
         raise Preempted(
             done,
-            f"stopped by signal at step {done}: resume with "
+            f"stopped by signal at step {done}{redo}: resume with "
             f"train.resume=auto train.run_dir={self.run_dir}",
         )
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, step: int) -> None:
         """Policy stop: Diverged if any step since the last log was non-finite."""
-        check_finite(self.acc, self.window, self.run_dir / "checkpoints")
+        good = [p for p in checkpoints(self.run_dir) if checkpoint_step(p) <= step]
+        check_finite(self.acc, self.window, good[-1] if good else None)
 
     def _total_skipped(self) -> int:
         """Unreadable samples skipped so far, over all ranks."""
@@ -376,16 +448,25 @@ class Trainer:
 
     def _save_grid(self, step: int) -> None:
         if self.main:
-            self.grids(step, self.ema.model)
+            self.grids(step, self._job_model)
+
+    def _fid_milestone(self, step: int) -> None:
+        self.fid_job.milestone(step, self._job_model)
+
+    def _fid_final(self, step: int) -> None:
+        self.fid_job.final(step, self._job_model)
 
     def _probe_curvature(self, step: int) -> None:
         if self.main:  # one probe per run: it is a property of the weights
             self.metrics.log(step, self.probe(self.module))
         self.acc.wait_for_everyone()
 
-    def _save_checkpoint(self, step: int) -> None:
+    def _save_checkpoint(self, step: int, cut: list[str] | None = None) -> None:
+        """The checkpoint of ``step``, with the open log window and the jobs ``cut``
+        short at this step; then the oldest of this run's beyond keep_checkpoints."""
         if self.cfg.train.on_nonfinite == "stop":
-            self._check_finite()  # never write a checkpoint past a divergence
+            self._check_finite(step)  # never write a checkpoint past a divergence
+        window = self._window_state()
         if self.main:
             ckpt.save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:07d}.pt",
@@ -394,13 +475,31 @@ class Trainer:
                 self.ema,
                 self.optimizer,
                 self.acc.scaler,
-                self.config_text,
-                self.acc.num_processes,
-                self.progress.record(step, self.window),
+                config=self.config_text,
+                processes=self.acc.num_processes,
+                progress=self.progress.record(step, self.window),
+                window=window,
+                pending_jobs=cut or [],
             )
-            for old in checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
+            # Only the steps this run has reached: checkpoints past them (left by the
+            # future of an older checkpoint it resumed from) are not a reason to drop its own.
+            reached = [p for p in checkpoints(self.run_dir) if checkpoint_step(p) <= step]
+            for old in reached[: -self.cfg.train.keep_checkpoints]:
                 old.unlink()
+        self._saved_at = step
         self.acc.wait_for_everyone()
+
+    def _window_state(self) -> dict:
+        """The open log window reduced over ranks (rank 0 carries it on resume)."""
+        w = self.window
+        sums = self.acc.reduce(w.sums(), reduction="sum")
+        first_bad = self.acc.gather(w.first_bad[None]).min().item()
+        return w.state(sums, first_bad)
+
+
+def _job_name(job) -> str:
+    """A periodic job's name in a checkpoint's pending_jobs (its method's name)."""
+    return getattr(job, "__name__", type(job).__name__).removeprefix("_")
 
 
 def training_loop(cfg: Config) -> dict:

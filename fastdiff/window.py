@@ -2,7 +2,11 @@
 
 The loss is read on the host only at the log cadence (one sync per window).
 Non-finite steps are counted, not summed: ``bad`` and the first such step are kept
-on the device, so divergence is noticed without a per-step sync.
+on the device, so divergence is noticed without a per-step sync. A window with no
+finite step logs its averages as NaN, never as 0.
+
+A checkpoint between two logs keeps the open window's sums (:meth:`Window.state`),
+so the resumed run's first log averages the same steps as an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class Window:
     by_t: torch.Tensor  # (3, bins): weighted loss, unweighted ε-MSE and count per t-bin
     bins: int = 0
     T: int = 1
-    steps: int = 0
+    steps: int = 0  # trained in this process since the window opened
+    carried: int = 0  # steps before a resume whose sums the window holds (from the checkpoint)
     start: float = field(default_factory=time.perf_counter)
     excluded: float = 0.0  # seconds of periodic work inside the window
 
@@ -49,6 +54,31 @@ class Window:
             self.by_t.index_add_(1, out.t * self.bins // self.T, rows)
         self.steps += 1
 
+    def state(self, sums: torch.Tensor, first_bad: float) -> dict:
+        """What a checkpoint keeps of the window: its rank-reduced ``sums``, the first
+        non-finite step over all ranks and how many steps they cover."""
+        return {
+            "sums": sums.detach().cpu(),
+            "first_bad": first_bad,
+            "steps": self.steps + self.carried,
+            "bins": self.bins,
+        }
+
+    def carry(self, saved: dict | None, holds_sums: bool) -> bool:
+        """Continue the window a checkpoint kept (:meth:`state`). The rank that
+        ``holds_sums`` takes the sums, the others only the step count: the log reduces
+        over ranks. False (a fresh window) when there is none or its t-bins differ."""
+        if not saved or saved["bins"] != self.bins:
+            return False
+        self.carried = saved["steps"]
+        if holds_sums:
+            sums = saved["sums"].to(self.loss.device)
+            for name, value in zip(("loss", "mse", "grad_norm", "bad"), sums[:4]):
+                getattr(self, name).copy_(value)
+            self.by_t.copy_(sums[4:].view_as(self.by_t))
+            self.first_bad.fill_(saved["first_bad"])
+        return True
+
     def seconds(self) -> float:
         """Training time in the window so far (periodic work excluded)."""
         return time.perf_counter() - self.start - self.excluded
@@ -60,15 +90,20 @@ class Window:
         )
 
     def metrics(self, sums: list[float], images: int, processes: int, step_flops: float) -> dict:
-        """The window's log line from its rank-reduced ``sums``."""
+        """The window's log line from its rank-reduced ``sums``; ``images``, the time and
+        FLOPs are this segment's steps only (carried ones were timed before the resume)."""
         loss, mse, grad_norm, bad = sums[:4]
         by_t = [sums[4 + i * self.bins : 4 + (i + 1) * self.bins] for i in range(3)]
-        good = max(self.steps * processes - bad, 1)  # bad is summed over ranks
+        good = (self.steps + self.carried) * processes - bad  # bad is summed over ranks
+
+        def mean(total: float) -> float:  # no finite step: no loss to report, not 0
+            return total / good if good > 0 else float("nan")
+
         seconds = self.seconds()
         out = {
-            "train/loss": loss / good,
-            "train/mse_unweighted": mse / good,
-            "train/grad_norm": grad_norm / good,
+            "train/loss": mean(loss),
+            "train/mse_unweighted": mean(mse),
+            "train/grad_norm": mean(grad_norm),
             "train/nonfinite_steps": int(bad / processes),
             "perf/images_per_sec": images / seconds,
             "perf/seconds_per_step": seconds / self.steps,
