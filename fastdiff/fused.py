@@ -332,14 +332,13 @@ class FusedRuns:
             return err
 
 
-def study_configs(card: str, overrides: list[str], seeds: list[int], root: Path) -> list[Config]:
-    from fastdiff.study import STUDIES
-
+def study_configs(card, overrides: list[str], seeds: list[int], root: Path) -> list[Config]:
+    """Every arm-seed of ``card`` (a fastdiff.cards.Card) as a run config."""
     return [
         to_config(
             compose(
                 [
-                    f"experiment={arm}",
+                    *arm_overrides,
                     *overrides,
                     f"train.seed={seed}",
                     f"train.run_dir={root / arm / f'seed{seed}'}",
@@ -348,28 +347,30 @@ def study_configs(card: str, overrides: list[str], seeds: list[int], root: Path)
             )
         )
         for seed in seeds
-        for arm in STUDIES[card]
+        for arm, arm_overrides in card.arms.items()
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastdiff.study import CARD_SEED, STUDIES, parse_seeds, study_dir
+    from fastdiff.cards import load_card
+    from fastdiff.study import parse_seeds, study_dir
     from fastdiff.train import apply_host_tuning
 
     parser = argparse.ArgumentParser(
         prog="python -m fastdiff.fused", description="Train a card's arms and seeds as one job."
     )
-    parser.add_argument("card", choices=sorted(STUDIES))
+    parser.add_argument("card", help="a card's name or file")
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--seeds", type=parse_seeds, default=[CARD_SEED])
+    parser.add_argument("--seeds", type=parse_seeds, help="default: the card's seeds")
     parser.add_argument("--out", type=Path)
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    root = args.out or study_dir(args.card, args.overrides)
     try:
-        cfgs = study_configs(args.card, args.overrides, args.seeds, root)
+        card = load_card(args.card)
+        root = args.out or study_dir(card.name, args.overrides)
+        cfgs = study_configs(card, args.overrides, args.seeds or card.seeds, root)
         apply_host_tuning(cfgs[0])
         fused = FusedRuns(cfgs)
     except BAD_INPUT as err:

@@ -3,7 +3,9 @@
     python -m fastdiff.study e9 [KEY=VALUE ...] [--seeds 3 | --seeds 1077,2001,3003]
                                 [--launch "accelerate launch ARGS"] [--out DIR]
 
-e9 runs e9a and e9b; e6 runs e5 and e6. Overrides apply to every arm. Each arm-seed
+CARD is a shipped card's name or a card file (fastdiff.cards): its arms are
+experiments with overrides, its criteria those the report judges. Overrides apply to
+every arm and may not set what the arms vary. Each arm-seed
 is an ordinary run directory, ``DIR/<arm>/seed<seed>``; the two arms of one seed share
 data order, timesteps, noise and init. Every run is started with train.resume=auto,
 so running the same study again leaves finished runs as they are and resumes
@@ -31,12 +33,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastdiff.cards import load_card
 from fastdiff.config import compose, to_config
 from fastdiff.errors import ConfigError, fail
 from fastdiff.report.runs import CARD_SEED  # the cards' seed; --seeds N adds 2077, 3077, ...
 
-STUDIES = {"e9": ("e9a", "e9b"), "e6": ("e5", "e6")}
 RECORD = "study.json"
+CARD_COPY = "card.yaml"  # the card as the study ran it: the report reads this copy
 
 
 MOST_SEEDS = 100  # a larger count is a seed typed without its comma
@@ -110,14 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fastdiff.study",
         description="Run a card's paired arms for every seed, then report.",
     )
-    parser.add_argument("card", choices=sorted(STUDIES))
+    parser.add_argument("card", help="a shipped card's name (e9, e6, …) or a card file's path")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every arm")
     parser.add_argument(
         "--seeds",
         type=parse_seeds,
-        default=[CARD_SEED],
         help="a count (3: 1077, 2077, 3077) or a list (1077,2001,3003; one seed: 1077,); "
-        "default: 1077",
+        "default: the card's seeds",
     )
     parser.add_argument(
         "--launch",
@@ -134,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
 
-    arms = STUDIES[args.card]
+    try:
+        card = load_card(args.card)
+    except ConfigError as err:
+        return fail(str(err))
+    seeds = args.seeds or card.seeds
     if any(
         o.startswith(("train.seed=", "train.run_dir=", "train.resume=")) for o in args.overrides
     ):
@@ -142,34 +148,41 @@ def main(argv: list[str] | None = None) -> int:
             "the study sets train.seed, train.run_dir and train.resume itself: use --seeds "
             "and --out"
         )
-    root = args.out or study_dir(args.card, args.overrides)
+    root = args.out or study_dir(card.name, args.overrides)
     try:  # check every arm's config, and the folder, before any training
-        for arm in arms:
-            to_config(compose([f"experiment={arm}", *args.overrides]))
-        claim(root, args.card, args.overrides)
+        clash = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") in card.varied]
+        if clash:
+            raise ConfigError(
+                f"{' '.join(clash)} sets what the card's arms vary "
+                f"({', '.join(sorted(card.varied))}): change the arms in a copy of the card"
+            )
+        for overrides in card.arms.values():
+            to_config(compose([*overrides, *args.overrides]))
+        claim(root, card.name, args.overrides)
     except ConfigError as err:
         return fail(str(err))
+    (root / CARD_COPY).write_text(card.as_yaml())
     launch = shlex.split(args.launch)
     if launch[:2] == ["accelerate", "launch"]:  # the launcher of this interpreter's env
         launch = [sys.executable, "-m", "accelerate.commands.launch", *launch[2:]]
-    print(f"study {args.card}: {len(arms)} arms x {len(args.seeds)} seeds in {root}", flush=True)
+    print(f"study {card.name}: {len(card.arms)} arms x {len(seeds)} seeds in {root}", flush=True)
     failed = []
     if args.fused:
-        seeds = ",".join(map(str, args.seeds)) + ","
-        cmd = [*launch, "-m", "fastdiff.fused", args.card, *args.overrides]
-        cmd += ["--seeds", seeds, "--out", str(root)]
+        listed = ",".join(map(str, seeds)) + ","
+        cmd = [*launch, "-m", "fastdiff.fused", str(root / CARD_COPY), *args.overrides]
+        cmd += ["--seeds", listed, "--out", str(root)]
         print("$", shlex.join(cmd), flush=True)
         log = root / "logs" / "fused.log"
         if run_logged(cmd, log) != 0:
             failed.append(f"the fused job (log: {log})")
-    for seed in args.seeds if not args.fused else []:
-        for arm in arms:
+    for seed in seeds if not args.fused else []:
+        for arm, arm_overrides in card.arms.items():
             run_dir = root / arm / f"seed{seed}"
             cmd = [
                 *launch,
                 "-m",
                 "fastdiff.train",
-                arm,
+                *arm_overrides,
                 *args.overrides,
                 f"train.seed={seed}",
                 f"train.run_dir={run_dir}",
@@ -182,10 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     from fastdiff.report import Run, write_report
 
     # this command's seeds only: the folder may hold more from an earlier --seeds
-    dirs = [root / arm / f"seed{seed}" for seed in args.seeds for arm in arms]
+    dirs = [root / arm / f"seed{seed}" for seed in seeds for arm in card.arms]
     runs = [Run.load(d) for d in dirs if (d / "metrics.jsonl").is_file()]
     if runs:
-        path = write_report(runs, root / "report", args.card)
+        path = write_report(runs, root / "report", card)
         print(f"report: {path}")
     if failed:
         print(

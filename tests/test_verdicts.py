@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from fastdiff import study
+from fastdiff.cards import load_card
 from fastdiff.report import FAIL, INCONCLUSIVE, NA, PASS, evaluate, write_report
-from fastdiff.report.criteria import THRESHOLDS, curvature_reduction, fid_ratio
+from fastdiff.report.criteria import curvature_reduction, fid_ratio, function_params
 from tests.conftest import tiny
 from tests.test_report import make_run, one_seed
 
-E6, E9 = THRESHOLDS["e6"], THRESHOLDS["e9"]
+E6, E9 = (function_params(load_card(n)) for n in ("e6", "e9"))
 STEPS = range(2000, 10001, 1000)
 
 

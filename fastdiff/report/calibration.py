@@ -44,14 +44,15 @@ from pathlib import Path
 
 import numpy as np
 
+from fastdiff.cards import load_card
 from fastdiff.report.criteria import (
-    THRESHOLDS,
     Criterion,
     curvature_reduction,
     exploding_curvature,
     fid_band,
     fid_gap_persists,
     fid_ratio,
+    function_params,
     loss_pathology,
     spike_count,
 )
@@ -122,8 +123,8 @@ def curvature_study(rng, seeds: list[int], change: np.ndarray, path_sd: float = 
         rows_t = _probe_rows(treat, strata, u, w_t, rng)
         pairs.append(
             (
-                _run("e5", "uniform", "linear", seed, rows_b),
-                _run("e6", "minsnr", "linear", seed, rows_t),
+                _run("vanilla", "uniform", "linear", seed, rows_b),
+                _run("min-snr", "minsnr", "linear", seed, rows_t),
             )
         )
         truths.append((base, treat))
@@ -151,14 +152,18 @@ def spike_study(rng, seeds: list[int]):
         w = w_sd * rng.standard_normal(B)
         pairs.append(
             (
-                _run("e5", "uniform", "linear", seed, _probe_rows(base, np.ones(B), u, w, rng)),
-                _run("e6", "minsnr", "linear", seed, _probe_rows(treat, np.ones(B), u, w, rng)),
+                _run(
+                    "vanilla", "uniform", "linear", seed, _probe_rows(base, np.ones(B), u, w, rng)
+                ),
+                _run(
+                    "min-snr", "minsnr", "linear", seed, _probe_rows(treat, np.ones(B), u, w, rng)
+                ),
             )
         )
     return pairs, [None] * len(seeds)
 
 
-def fid_pair(rng, seed: int, theta: float, schedule: str, names=("e9a", "e9b")):
+def fid_pair(rng, seed: int, theta: float, schedule: str, names=("vanilla-cos", "min-snr-cos")):
     """A pair of finished runs with final FIDs, and the seed's noise-free ratio."""
     fb = 30 * math.exp(0.05 * rng.standard_normal())
     ratio = 1 + theta + 0.05 * rng.standard_normal()
@@ -176,7 +181,7 @@ def fid_study(rng, seeds, theta: float):
 
 
 def gap_study(rng, seeds, theta_linear: float, theta_cosine: float):
-    lin = [fid_pair(rng, s, theta_linear, "linear", ("e5", "e6")) for s in seeds]
+    lin = [fid_pair(rng, s, theta_linear, "linear", ("vanilla", "min-snr")) for s in seeds]
     cos = [fid_pair(rng, s, theta_cosine, "cosine") for s in seeds]
     truths = [rc - rl for (_, rl), (_, rc) in zip(lin, cos)]
     return ([p for p, _ in lin], [p for p, _ in cos]), truths
@@ -189,7 +194,10 @@ def loss_study(rng, seeds, theta: float):
         mb = 0.05 * math.exp(0.05 * rng.standard_normal())
         ratio = theta + 0.05 * rng.standard_normal()
         runs = []
-        for name, weighting, m in (("e9a", "uniform", mb), ("e9b", "minsnr", mb * ratio)):
+        for name, weighting, m in (
+            ("vanilla-cos", "uniform", mb),
+            ("min-snr-cos", "minsnr", mb * ratio),
+        ):
             rows = [
                 {"step": int(s), "train/mse_unweighted": m * (1 + 0.02 * rng.standard_normal())}
                 for s in steps
@@ -201,7 +209,7 @@ def loss_study(rng, seeds, theta: float):
 
 
 # ------------------------------------------------------------------- scenarios
-E6, E9 = THRESHOLDS["e6"], THRESHOLDS["e9"]
+E6, E9 = (function_params(load_card(n)) for n in ("ms1_e6", "ms1_e9"))
 WINDOW = STEPS >= E6["curvature_reduction"]["lo"]
 BURN = STEPS >= E9["exploding_curvature"]["burn_in"]
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +20,6 @@ from fastdiff.report.runs import (
     Pair,
     Run,
     differing,
-    pairs_of,
 )
 from fastdiff.stats import (
     FAIL,
@@ -35,7 +37,21 @@ from fastdiff.stats import (
 )
 
 # -------------------------------------------------------------------- criteria
-CARD, EXTRA = "card", "fastdiff"  # a criterion written on the card, or fastdiff's own check
+CARD, EXTRA = "card", "fastdiff"
+# The confidence of each interval. A card with k treatment arms judges k comparisons
+# against one baseline; each is made at 1 − (1 − LEVEL)/k (Bonferroni), so the family of
+# k intervals holds its truths together with probability ≥ LEVEL (``simultaneous``).
+_LEVEL: ContextVar[float] = ContextVar("level", default=LEVEL)
+
+
+@contextmanager
+def simultaneous(k: int):
+    """Judge every criterion inside at the Bonferroni level for k comparisons."""
+    token = _LEVEL.set(1 - (1 - LEVEL) / max(k, 1))
+    try:
+        yield
+    finally:
+        _LEVEL.reset(token)  # a criterion written on the card, or fastdiff's own check
 
 
 @dataclass
@@ -319,8 +335,9 @@ def judge(
     if not have:
         return Criterion(name, NA, why or missing, figure, threshold=threshold, origin=origin)
     side = "≤" if pass_below else "≥"
+    level = _LEVEL.get()
     seed0, m0 = next(((s, m) for s, m in have if s == CARD_SEED), have[0])
-    iv0 = run_interval(m0)
+    iv0 = run_interval(m0, level)
     pair = Criterion(
         name,
         verdict(iv0, threshold, pass_below),
@@ -358,13 +375,13 @@ def judge(
             origin=origin,
             pair=pair,
         )
-    iv = seed_interval([m for _, m in have])
+    iv = seed_interval([m for _, m in have], level)
     status = verdict(iv, threshold, pass_below)
     text = f"{fmt(iv.estimate)} [{fmt(iv.lo)}, {fmt(iv.hi)}] ({iv.method}, {len(have)} seeds)"
     text += left_out
     need = None
     if status == INCONCLUSIVE:
-        need = seeds_needed(iv, threshold)
+        need = seeds_needed(iv, threshold, level)
         text += f"; straddles {side} {fmt(threshold)}: ~{need} seeds would decide it at this spread"
     return Criterion(
         name,
@@ -617,6 +634,12 @@ def _fid_change(base: Run, treat: Run):
     return change_measure(ft, fb, f"{treat.name} {ft[0]:.2f} vs {base.name} {fb[0]:.2f}")
 
 
+def fid_change(pairs: list[Pair], threshold: float, name: str) -> Criterion:
+    """The final FID's relative change at most ``threshold`` (negative: an improvement
+    of at least |threshold|)."""
+    return _fid_judge(name, pairs, _fid_change, threshold=threshold, pass_below=True, fmt=_pct)
+
+
 def fid_band(pairs: list[Pair], max_increase: float, improved: float) -> list[Criterion]:
     """W1-E6: final FID no worse than +``max_increase``; and whether it improved by at
     least ``improved``."""
@@ -789,13 +812,14 @@ def exploding_curvature(
     )
 
 
-def max_measure(measures: list[Measure], detail: str, level: float = LEVEL) -> Measure:
+def max_measure(measures: list[Measure], detail: str, level: float | None = None) -> Measure:
     """The largest of several noisy values, with an interval for the largest of their
     true values. The largest observed value is biased upward (the noisiest step tends
     to win), and its own standard error says nothing of that; intervals simultaneous
     over all m values (Bonferroni, each at 1 − (1 − level)/m) hold every true value at
     once with probability ≥ level, so [max of the lows, max of the highs] holds the
     largest."""
+    level = _LEVEL.get() if level is None else level
     each = 1 - (1 - level) / len(measures)
     lows, highs = [], []
     for m in measures:
@@ -927,34 +951,6 @@ def confound_sentence(card: Criterion, unweighted: Criterion, rescaled: Criterio
     )
 
 
-# Each card's thresholds, in card steps (scaled to shorter runs) and ratios. "card":
-# written on the experiment card; "rule": fastdiff's reading where the card is silent.
-THRESHOLDS: dict[str, dict[str, dict[str, float]]] = {
-    "e6": {
-        # card: trace ≥15% lower over steps 6k–10k; fewer spikes; FID no worse than +10%
-        "curvature_reduction": {"lo": 6000, "hi": 10000, "threshold": 0.15},
-        "spike_count": {"lo": 2000, "hi": 10000, "factor": 1.5},  # rule: a spike is >1.5× median
-        "fid_band": {"max_increase": 0.10, "improved": 0.05},
-    },
-    "e9": {
-        "curvature_reduction": {"lo": 2000, "hi": 10000, "threshold": 0.15},
-        # card: FID within 30% of vanilla, pathology at ≥2×
-        "fid_ratio": {"band": 1.3, "pathology": 2.0},
-        "recall_kept": {"floor": 0.8},  # rule: "mode collapse" as recall below 0.8×
-        "loss_pathology": {"factor": 2.0},  # rule
-        "exploding_curvature": {"burn_in": 2000, "factor": 3.0},  # rule
-    },
-}
-
-
-# What each card varies between its arms: a pair that differs in anything else is not
-# a paired comparison of the card's question.
-VARIES = {
-    "e6": {"loss.weighting", "loss.minsnr_gamma"},
-    "e9": {"loss.weighting", "loss.minsnr_gamma"},
-}
-
-
 def _values(values: list) -> str:
     return " vs ".join(map(str, values))
 
@@ -981,92 +977,204 @@ def _unmatched(reasons: list[str]) -> Criterion:
     )
 
 
-def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[str]]:
-    notes = []
+# ------------------------------------------------------------ the card's library
+@dataclass
+class Kind:
+    """A criterion kind a card can name: its parameters and how to judge it."""
+
+    judge: Callable[..., list[Criterion]]  # (pairs, params, ctx) -> criteria
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+
+    def check(self, params: dict, where: str) -> None:
+        from fastdiff.errors import ConfigError
+
+        missing = [k for k in self.required if k not in params]
+        unknown = [k for k in params if k not in self.required + self.optional]
+        if missing or unknown:
+            wants = ", ".join(self.required + self.optional) or "none"
+            raise ConfigError(
+                f"{where}: {'missing ' + ', '.join(missing) if missing else ''}"
+                f"{'; ' if missing and unknown else ''}"
+                f"{'unknown ' + ', '.join(unknown) if unknown else ''} (parameters: {wants})"
+            )
+
+
+@dataclass
+class Context:
+    """What a kind may need beyond its pairs: every run handed to the report, and the
+    notes the report prints."""
+
+    runs: list[Run]
+    notes: list[str]
+    lead: str  # the card seed's level ("For seed 1077's runs: ") or the arms'
+    pick: Callable[[Criterion], Criterion]
+
+
+def _window_change(pairs, p, ctx):
+    key = p.get("metric", TRACE)
+    window = {"lo": p["lo"], "hi": p["hi"], "threshold": -p["threshold"]}
+    main = curvature_reduction(pairs, **window, key=key)
+    if not p.get("confound"):
+        return [main]
+    base = pairs[0][0]
+    unw = curvature_reduction(
+        pairs, **window, key=TRACE_UNW, base_key=unweighted_key(base), origin=EXTRA
+    )
+    rescaled = curvature_reduction(pairs, **window, divide_by_mean_weight=True, origin=EXTRA)
+    ctx.notes.append(
+        ctx.lead + confound_sentence(ctx.pick(main), ctx.pick(unw), ctx.pick(rescaled))
+    )
+    return [main, unw, rescaled]
+
+
+def _completed(pairs, p, ctx):
+    return [completed(r) for r in {id(r): r for pair in pairs for r in pair}.values()]
+
+
+def _fid_gap(pairs, p, ctx):
+    """The other schedule's pair, found among the report's runs by experiment name."""
+    named = {
+        arm: {r.seed: r for r in ctx.runs if r.name == p[arm]} for arm in ("baseline", "treatment")
+    }
+    other = [
+        (named["baseline"][s], named["treatment"][s])
+        for s in named["baseline"]
+        if s in named["treatment"]
+    ]
+    if not other:
+        return []  # the other schedule's runs were not handed to the report
+    varied = set(differing(list(pairs[0])))  # the other pair may differ as this one does
+    other, _ = matched(other, varied)
+    by_seed = {b.seed: b for b, _ in pairs}
+    allowed = varied | {"diffusion.beta_schedule"}
+    why = [
+        f"seed {b.seed}: the two schedules' pairs differ in "
+        + "; ".join(f"{k} {_values(v)}" for k, v in diff.items())
+        for b, _ in other
+        if b.seed in by_seed and (diff := differing([b, by_seed[b.seed]], allowed))
+    ]
+    crit = fid_gap_persists(other, pairs)
+    return [Criterion(crit.name, NA, "not evaluable: " + " | ".join(why)) if why else crit]
+
+
+KINDS: dict[str, Kind] = {
+    "window_change": Kind(_window_change, ("lo", "hi", "threshold"), ("metric", "confound")),
+    "spike_count": Kind(lambda pairs, p, ctx: [spike_count(pairs, **p)], ("lo", "hi", "factor")),
+    "fid_change": Kind(
+        lambda pairs, p, ctx: [fid_change(pairs, p["threshold"], p["title"])],
+        ("threshold", "title"),
+    ),
+    "fid_ratio": Kind(
+        lambda pairs, p, ctx: [fid_ratio(pairs, **p)], ("which", "band", "pathology")
+    ),
+    "recall_floor": Kind(lambda pairs, p, ctx: [recall_kept(pairs, **p)], ("floor",)),
+    "loss_ratio": Kind(lambda pairs, p, ctx: [loss_pathology(pairs, **p)], ("factor",)),
+    "worst_ratio": Kind(
+        lambda pairs, p, ctx: [exploding_curvature(pairs, **p)],
+        ("burn_in", "factor"),
+        ("bands",),
+    ),
+    "completed": Kind(_completed),
+    "fid_gap": Kind(_fid_gap, ("baseline", "treatment")),
+}
+
+
+def function_params(card) -> dict[str, dict]:
+    """A card's parameters keyed by the criterion functions above (for the plots, the
+    calibration and tests that call those functions directly)."""
+    out: dict[str, dict] = {}
+    for spec in card.criteria:
+        p = spec.params
+        if spec.kind == "window_change":
+            out.setdefault(
+                "curvature_reduction", {"lo": p["lo"], "hi": p["hi"], "threshold": -p["threshold"]}
+            )
+        elif spec.kind == "fid_change":
+            which = "max_increase" if p["threshold"] > 0 else "improved"
+            out.setdefault("fid_band", {})[which] = abs(p["threshold"])
+        elif spec.kind in ("spike_count", "fid_ratio"):
+            out.setdefault(spec.kind, {k: v for k, v in p.items() if k != "which"})
+        elif spec.kind in FUNCTION_OF:
+            out.setdefault(FUNCTION_OF[spec.kind], {k: v for k, v in p.items() if k != "bands"})
+    return out
+
+
+FUNCTION_OF = {
+    "recall_floor": "recall_kept",
+    "loss_ratio": "loss_pathology",
+    "worst_ratio": "exploding_curvature",
+}
+
+
+def arms_of(runs: list[Run], card) -> tuple[dict[str, list[Run]], list[Run]]:
+    """The card's arms' runs, each sorted by seed, and the runs of no arm."""
+    arms: dict[str, list[Run]] = {a: [] for a in card.arms}
+    other = []
+    for run in runs:
+        arm = card.arm_of(run.config)
+        (arms[arm] if arm else other).append(run)
+    return {a: sorted(rs, key=lambda r: r.seed) for a, rs in arms.items()}, other
+
+
+def evaluate(runs: list[Run], card) -> tuple[list[Criterion], list[str]]:
+    """Every criterion of ``card`` (a Card, or a card's name or path) for each treatment
+    arm against the baseline, on the pairs of runs that share a seed."""
+    from fastdiff.cards import Card, load_card
+
+    notes: list[str] = []
     if card is None:
         return [completed(r) for r in runs], notes
-    pairs = pairs_of(runs, "linear" if card == "e6" else "cosine") or pairs_of(runs)
-    if not pairs:
-        return [
-            Criterion(
-                "paired runs present", NA, "need uniform and Min-SNR runs with a seed in common"
-            )
-        ], notes
-    pairs, unmatched = matched(pairs, VARIES[card])
-    lead = [_unmatched(unmatched)] if unmatched else []
-    if not pairs:
-        return lead, notes
-    base = pairs[0][0]
-    seeds = [b.seed for b, _ in pairs]
-    card_seed = CARD_SEED if CARD_SEED in seeds else seeds[0]
-    notes.append(
-        f"{len(pairs)} seed pair(s) ({', '.join(map(str, seeds))}). Each criterion has two "
-        f"verdicts: **seed {card_seed}'s runs** — what that seed's two runs measured, with "
-        "their own measurement error (the card's criterion as written for one seed); and "
-        "**the arms** — whether Min-SNR differs from vanilla beyond seed-to-seed training "
-        "noise, a paired t-interval over seeds. "
-        + (
-            "One seed says nothing about that noise, so the arms' verdict stays "
-            "inconclusive: python -m fastdiff.study CARD --seeds 3."
-            if len(pairs) == 1
-            else ""
-        )
-    )
-    if base.total_steps != CARD_STEPS:
+    card = card if isinstance(card, Card) else load_card(card)
+    arms, _ = arms_of(runs, card)
+    base_runs = {r.seed: r for r in arms[card.baseline]}
+    k = len(card.treatments)
+    crits: list[Criterion] = []
+    judged: list[Pair] = []
+    if k > 1:
         notes.append(
-            f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
-            f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}."
+            f"{k} treatment arms against {card.baseline}: every interval is simultaneous "
+            f"over the {k} comparisons (Bonferroni, each at {1 - (1 - LEVEL) / k:.1%}), so "
+            f"all {k} hold together with 95% probability."
         )
-    for run in {r.path: r for pair in pairs for r in pair}.values():
-        if not run.finished:
-            notes.append(
-                f"{run.stopped_at()}: curvature and loss are compared over the steps both "
-                "runs of its pair logged; its final FID and recall are not evaluable."
-            )
-    t = THRESHOLDS[card]
-    window = t["curvature_reduction"]
-    if card == "e6":
-        card_crit = curvature_reduction(pairs, **window)
-        crits = [
-            card_crit,
-            spike_count(pairs, **t["spike_count"]),
-            *fid_band(pairs, **t["fid_band"]),
-        ]
-        unw = curvature_reduction(
-            pairs, **window, key=TRACE_UNW, base_key=unweighted_key(base), origin=EXTRA
-        )
-        rescaled = curvature_reduction(pairs, **window, divide_by_mean_weight=True, origin=EXTRA)
-        crits += [unw, rescaled]
-        level = (lambda c: c.pair or c) if len(pairs) == 1 else (lambda c: c)
-        sentence = confound_sentence(level(card_crit), level(unw), level(rescaled))
-        prefix = f"For seed {card_seed}'s runs: " if len(pairs) == 1 else "For the arms: "
-        notes.append(prefix + sentence)
-    else:
-        crits = [completed(r) for pair in pairs for r in pair]
-        crits += [
-            fid_ratio(pairs, "best", **t["fid_ratio"]),
-            fid_ratio(pairs, "final", **t["fid_ratio"]),
-            recall_kept(pairs, **t["recall_kept"]),
-            loss_pathology(pairs, **t["loss_pathology"]),
-            exploding_curvature(pairs, **t["exploding_curvature"]),
-            exploding_curvature(pairs, **t["exploding_curvature"], bands=True),
-        ]
-        linear, _ = matched(pairs_of(runs, "linear"), VARIES[card])
-        if linear:
-            # the linear pair stands in for the cosine one's: only the schedule may differ
-            cosine = {b.seed: b for b, _ in pairs}
-            across = VARIES[card] | {"diffusion.beta_schedule"}
-            why = [
-                f"seed {b.seed}: the linear and cosine pairs differ in "
-                + "; ".join(f"{k} {_values(v)}" for k, v in diff.items())
-                for b, _ in linear
-                if b.seed in cosine and (diff := differing([b, cosine[b.seed]], across))
-            ]
-            crit = fid_gap_persists(linear, pairs)
+    for arm in card.treatments:
+        pairs = [(base_runs[r.seed], r) for r in arms[arm] if r.seed in base_runs]
+        suffix = f" — {arm}" if k > 1 else ""
+        if not pairs:
             crits.append(
-                Criterion(crit.name, NA, "not evaluable: " + " | ".join(why)) if why else crit
+                Criterion(
+                    f"paired runs present{suffix}",
+                    NA,
+                    f"need {card.baseline} and {arm} runs with a seed in common",
+                )
             )
-    crits = lead + crits
+            continue
+        pairs, unmatched = matched(pairs, card.varied)
+        if unmatched:
+            crits.append(_unmatched(unmatched))
+        if not pairs:
+            continue
+        judged += pairs
+        seeds = [b.seed for b, _ in pairs]
+        card_seed = CARD_SEED if CARD_SEED in seeds else seeds[0]
+        one = len(pairs) == 1
+        ctx = Context(
+            runs,
+            notes,
+            f"For seed {card_seed}'s runs{suffix}: " if one else f"For the arms{suffix}: ",
+            (lambda c: c.pair or c) if one else (lambda c: c),
+        )
+        with simultaneous(k):
+            for spec in card.criteria:
+                for crit in KINDS[spec.kind].judge(pairs, dict(spec.params), ctx):
+                    if spec.source == "rule" and crit.origin == CARD:
+                        crit.origin = EXTRA
+                    if suffix and spec.kind != "completed":
+                        crit.name += suffix
+                    crits.append(crit)
+    crits = _dedupe_completed(crits)
+    if judged:
+        notes[:0] = _level_notes(judged, card)
     if any(c.status == INCONCLUSIVE for c in crits):
         notes.append(
             "Inconclusive: the 95% interval straddles the threshold (or, with one seed, the "
@@ -1083,8 +1191,47 @@ def evaluate(runs: list[Run], card: str | None) -> tuple[list[Criterion], list[s
     return crits, notes
 
 
-def card_crit_lo(card: str) -> float:
-    return THRESHOLDS[card]["curvature_reduction"]["lo"]
+def _dedupe_completed(crits: list[Criterion]) -> list[Criterion]:
+    """The baseline's completion row once, however many arms it is paired with."""
+    seen, out = set(), []
+    for c in crits:
+        if c.name in seen and "completed" in c.name:
+            continue
+        seen.add(c.name)
+        out.append(c)
+    return out
+
+
+def _level_notes(pairs: list[Pair], card) -> list[str]:
+    notes = []
+    seeds = sorted({b.seed for b, _ in pairs})
+    card_seed = CARD_SEED if CARD_SEED in seeds else seeds[0]
+    notes.append(
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}). Each criterion has two "
+        f"verdicts: **seed {card_seed}'s runs** — what that seed's two runs measured, with "
+        "their own measurement error (the card's criterion as written for one seed); and "
+        "**the arms** — whether the treatment differs from the baseline beyond "
+        "seed-to-seed training noise, a paired t-interval over seeds. "
+        + (
+            "One seed says nothing about that noise, so the arms' verdict stays "
+            f"inconclusive: python -m fastdiff.study {card.name} --seeds 3."
+            if len(seeds) == 1
+            else ""
+        )
+    )
+    base = pairs[0][0]
+    if base.total_steps != CARD_STEPS:
+        notes.append(
+            f"The runs are {base.total_steps} steps, not the card's {CARD_STEPS}: "
+            f"every step in the criteria is scaled by {base.total_steps / CARD_STEPS:g}."
+        )
+    for run in {r.path: r for pair in pairs for r in pair}.values():
+        if not run.finished:
+            notes.append(
+                f"{run.stopped_at()}: curvature and loss are compared over the steps both "
+                "runs of its pair logged; its final FID and recall are not evaluable."
+            )
+    return notes
 
 
 def unweighted_key(base: Run) -> str:

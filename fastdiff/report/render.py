@@ -7,7 +7,8 @@ import base64
 import json
 from pathlib import Path
 
-from fastdiff.errors import fail
+from fastdiff.cards import load_card
+from fastdiff.errors import ConfigError, fail
 from fastdiff.report.criteria import (
     EXTRA,
     Criterion,
@@ -101,15 +102,18 @@ def provenance_lines(runs: list[Run]) -> list[str]:
 ICON = {PASS: "✅ pass", FAIL: "❌ fail", INCONCLUSIVE: "🟡 inconclusive", NA: "⚪ not evaluable"}
 
 
-def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
+def write_report(runs: list[Run], out: Path, card=None) -> Path:
+    """The report of ``runs`` against ``card`` (a Card, a card's name or path; None: the
+    shipped card whose arms all have runs here, else a per-run report)."""
     out.mkdir(parents=True, exist_ok=True)
-    card = card or detect_card(runs)
-    figures = make_plots(runs, out)
+    card = load_card(card) if isinstance(card, (str, Path)) else card or detect_card(runs)
+    lower = None
+    if card is not None:
+        windows = [c.params for c in card.criteria if c.kind == "window_change"]
+        lower = -windows[0]["threshold"] if windows else None
+    figures = make_plots(runs, out, lower)
     crits, notes = evaluate(runs, card)
-    title = {
-        "e6": "W1-E6 — Min-SNR vs vanilla ε-MSE, curvature under linear β",
-        "e9": "MS1-e9 — Min-SNR vs vanilla ε-MSE under cosine β",
-    }.get(card, "Run report")
+    title = card.title if card is not None else "Run report"
     md = [
         f"# {title}",
         "",
@@ -136,8 +140,10 @@ def write_report(runs: list[Run], out: Path, card: str | None = None) -> Path:
     text = "\n".join(md)
     (out / "REPORT.md").write_text(text)
     (out / "report.html").write_text(_html(text, out, figures))
+    if card is not None and card.question:
+        md[1:1] = ["", f"*{card.question}*"]
     verdicts = {
-        "card": card,
+        "card": None if card is None else card.name,
         "runs": [str(r.path) for r in runs],
         "criteria": [c.as_json() for c in crits],
         "notes": notes,
@@ -151,6 +157,22 @@ def _row(c: Criterion) -> str:
     pair = "—" if c.pair is None else ICON[c.pair.status]
     detail = c.detail if c.pair is None else f"seed pair: {c.pair.detail}<br>arms: {c.detail}"
     return f"| {name} | {pair} | {ICON[c.status]} | {detail} | {c.figure} |"
+
+
+def _inputs(paths: list[Path], card_arg: str | None):
+    """(card, runs, default output folder): a study folder holds its card and its runs."""
+    if len(paths) == 1 and (paths[0] / "card.yaml").is_file():
+        root = paths[0]
+        card = load_card(card_arg or root / "card.yaml")
+        runs = [Run.load(p.parent) for p in sorted(root.glob("*/seed*/metrics.jsonl"))]
+        if not runs:
+            raise FileNotFoundError(f"{root} holds a card but no runs yet")
+        return card, runs, root / "report"
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: pass run directories")
+    runs = [Run.load(p) for p in paths]
+    return (load_card(card_arg) if card_arg else None), runs, runs[0].path / "report"
 
 
 def _html(md: str, out: Path, figures: list[str]) -> str:
@@ -175,14 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fastdiff.report",
         description="Plots, criteria and verdicts for a card's runs.",
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories")
-    parser.add_argument("--card", choices=["e6", "e9"], help="default: from the experiment names")
-    parser.add_argument("--out", type=Path, help="default: <first run>/report")
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories, or one study folder")
+    parser.add_argument(
+        "--card",
+        help="a card's name or file (default: a study folder's card.yaml, else the shipped "
+        "card whose arms all have runs)",
+    )
+    parser.add_argument("--out", type=Path, help="default: <study or first run>/report")
     args = parser.parse_args(argv)
     try:
-        runs = [Run.load(p) for p in args.runs]
-    except FileNotFoundError as err:
+        card, runs, out = _inputs(args.runs, args.card)
+    except (FileNotFoundError, ConfigError) as err:
         return fail(str(err))
-    path = write_report(runs, args.out or runs[0].path / "report", args.card)
+    path = write_report(runs, args.out or out, card)
     print(f"wrote {path} and {path.with_name('report.html')}")
     return 0

@@ -187,12 +187,15 @@ class Run:
 Pair = tuple[Run, Run]  # (vanilla, Min-SNR) runs of one seed
 
 
-def detect_card(runs: list[Run]) -> str | None:
-    names = {r.name for r in runs}
-    if {"e9a", "e9b"} <= names:
-        return "e9"
-    if {"e5", "e6"} <= names:
-        return "e6"
+def detect_card(runs: list[Run]):
+    """The shipped card every one of whose arms has runs here (None: no such card)."""
+    from fastdiff.cards import load_card, shipped
+
+    for path in shipped():
+        card = load_card(path)
+        found = {card.arm_of(r.config) for r in runs}
+        if set(card.arms) <= found:
+            return card
     return None
 
 
