@@ -15,14 +15,14 @@ from pathlib import Path
 from fastdiff.config import load_run_config, need
 from fastdiff.curvature import RunProbes
 from fastdiff.data import probe_pool
-from fastdiff.errors import guarded
+from fastdiff.errors import Parser, guarded
 from fastdiff.objective import Objective
 from fastdiff.restore import host_batches, model_from_checkpoint
 from fastdiff.rundir import find_checkpoint
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m fastdiff.curvature",
         description="Hutchinson trace of a saved checkpoint's "
         "training loss, on the run's fixed probe batch.",

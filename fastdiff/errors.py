@@ -6,6 +6,7 @@ any module may raise :class:`ConfigError` without an import cycle.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -34,3 +35,12 @@ def guarded(main: Callable[[], int]) -> int:
         return main()
     except BAD_INPUT as err:
         return fail(str(err))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for every entry point, whose bad input is one line like every other
+    error (argparse's own prints the usage too, then the error)."""
+
+    def error(self, message: str):
+        print(f"fastdiff: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

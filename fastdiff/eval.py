@@ -15,7 +15,7 @@ import torch
 
 from fastdiff.config import load_run_config, need
 from fastdiff.diffusion import Schedule
-from fastdiff.errors import guarded
+from fastdiff.errors import Parser, guarded
 from fastdiff.fid import build_evaluator, chosen_extractor, generate, resolve_weights
 from fastdiff.restore import host_batches, model_from_checkpoint
 from fastdiff.rundir import find_checkpoint, write_text
@@ -24,7 +24,7 @@ from fastdiff.tuning import reuse_freed_memory
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m fastdiff.eval", description="FID/KID of a saved checkpoint's EMA weights."
     )
     p.add_argument("run_dir", type=Path)

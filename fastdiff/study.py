@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fastdiff.cards import load_card
 from fastdiff.config import compose, to_config
-from fastdiff.errors import ConfigError, fail
+from fastdiff.errors import ConfigError, Parser, fail
 from fastdiff.report.runs import CARD_SEED  # the cards' seed; --seeds N adds 2077, 3077, ...
 
 RECORD = "study.json"
@@ -109,7 +109,7 @@ def run_logged(cmd: list[str], log: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastdiff.study",
         description="Run a card's paired arms for every seed, then report.",
     )

@@ -42,7 +42,7 @@ from fastdiff.data.sources import (
     is_hidden,
     load_cifar10,
 )
-from fastdiff.errors import ConfigError, guarded
+from fastdiff.errors import ConfigError, Parser, guarded
 
 
 def png_bytes(image_hwc: np.ndarray) -> bytes:
@@ -237,7 +237,7 @@ def move_into_place(tmp: Path, out: Path, previous: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastdiff.data.prepare",
         description="Write WebDataset shards (PNG + class label).",
     )

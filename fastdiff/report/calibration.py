@@ -36,7 +36,6 @@ threshold itself counts as the pass side).
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from fastdiff.cards import load_card
+from fastdiff.errors import Parser
 from fastdiff.report.criteria import (
     Criterion,
     curvature_reduction,
@@ -438,7 +438,7 @@ def table(cells: list[Cell]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastdiff.report.calibration",
         description="Wrong-verdict rates and coverage of the report's criteria on "
         "simulated paired studies with a known truth.",

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 from pathlib import Path
 
 from fastdiff.cards import load_card
-from fastdiff.errors import ConfigError, fail
+from fastdiff.errors import ConfigError, Parser, fail
 from fastdiff.report.criteria import (
     EXTRA,
     Criterion,
@@ -193,7 +192,7 @@ def _html(md: str, out: Path, figures: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastdiff.report",
         description="Plots, criteria and verdicts for a card's runs.",
     )
