@@ -20,7 +20,6 @@ the convolutions run no faster batched (docs/performance.md), so there it is slo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -33,7 +32,7 @@ from torch.func import functional_call, vmap
 
 from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
-from fastdiff.errors import BAD_INPUT, fail
+from fastdiff.errors import BAD_INPUT, Parser, fail
 from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, amp_precision, dropout_mask
@@ -356,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdiff.study import parse_seeds, study_dir
     from fastdiff.train import apply_host_tuning
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m fastdiff.fused", description="Train a card's arms and seeds as one job."
     )
     parser.add_argument("card", help="a card's name or file")
