@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test lint bench bench-baseline bench-check gpu-check install clean
+.PHONY: quickstart test lint bench bench-baseline bench-check gpu-check device-bundle install clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,8 @@ quickstart: $(STAMP)
 	$(BIN)/python -m fastdiff.train quickstart
 
 lint: $(STAMP)
-	$(BIN)/ruff check fastdiff kernels tests benches
-	$(BIN)/ruff format --check fastdiff kernels tests benches
+	$(BIN)/ruff check fastdiff tests benches
+	$(BIN)/ruff format --check fastdiff tests benches
 
 # The benches also run here once, untimed, on tiny shapes, so they never rot. One
 # xdist worker per core, each with its share of the threads (tests/conftest.py);
@@ -55,6 +55,12 @@ bench-check: $(STAMP)
 # MFU), CUDA graphs, a 200-step e9b with FID; one JSON summary (benches/gpu_check.py).
 gpu-check: $(STAMP)
 	$(BIN)/python -m benches.gpu_check --out gpu-check.json --budget 290
+
+# The lent GPU machine's own image (torch 2.11, no package registry) lacks hydra,
+# omegaconf, webdataset and torch-fidelity: copy them, pure Python, from the venv into
+# .deps for device-run.sh (carry .deps; docs/performance.md, "On a lent GPU").
+device-bundle: $(STAMP)
+	$(BIN)/python -m benches.device bundle --out .deps
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -40,7 +40,7 @@ def test_sampler(benchmark, model, sampler, nfe):
     t = torch.full((SAMPLE_BATCH,), 10, device=DEVICE)
 
     def sample():
-        fn(model, shape, sched, nfe, torch.Generator().manual_seed(0))
+        fn(model, shape, sched, nfe, generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def forward():

@@ -22,13 +22,17 @@ from functools import cached_property
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
+from fastdiff.config import compose
 from fastdiff.errors import ConfigError
+from fastdiff.report.criteria import KINDS
+from fastdiff.report.runs import NOT_COMPARED, flatten
 
-# The shipped cards: configs/cards in a checkout, fastdiff/cards in an installed wheel.
+# The shipped cards: configs/cards in a checkout, fastdiff/shipped_cards in a wheel.
 CARD_DIRS = [
     Path(__file__).resolve().parent.parent / "configs" / "cards",
-    Path(__file__).resolve().parent / "cards",
+    Path(__file__).resolve().parent / "shipped_cards",
 ]
 SOURCES = ("card", "rule")
 
@@ -63,11 +67,6 @@ class Card:
     @cached_property
     def resolved(self) -> dict[str, dict]:
         """Each arm's composed config, flattened ({"loss.weighting": ...})."""
-        from omegaconf import OmegaConf
-
-        from fastdiff.config import compose
-        from fastdiff.report.runs import flatten
-
         out = {}
         for arm, overrides in self.arms.items():
             node = OmegaConf.to_container(compose(list(overrides)))
@@ -77,16 +76,12 @@ class Card:
     @cached_property
     def varied(self) -> set[str]:
         """The config keys the card's arms differ in: all a matched pair may differ in."""
-        from fastdiff.report.runs import NOT_COMPARED
-
         flat = list(self.resolved.values())
         keys = set().union(*flat) - NOT_COMPARED
         return {k for k in keys if any(f.get(k) != flat[0].get(k) for f in flat)}
 
     def arm_of(self, config: dict) -> str | None:
         """The arm a run's config belongs to: its experiment and the varied keys."""
-        from fastdiff.report.runs import flatten
-
         flat = flatten(config)
         for arm in self.arms:
             mine = self.resolved[arm]
@@ -125,6 +120,16 @@ def shipped() -> list[Path]:
     return []
 
 
+def detect_card(runs) -> Card | None:
+    """The shipped card every one of whose arms has runs here (None: no such card)."""
+    for path in shipped():
+        card = load_card(path)
+        found = {card.arm_of(r.config) for r in runs}
+        if set(card.arms) <= found:
+            return card
+    return None
+
+
 def find_card(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
@@ -159,8 +164,6 @@ def load_card(name_or_path: str | Path) -> Card:
 
 
 def card_from(node, path: Path | None = None) -> Card:
-    from fastdiff.report.criteria import KINDS
-
     where = f"card {path}" if path else "card"
     if not isinstance(node, dict):
         raise ConfigError(f"{where} must be a mapping with name, baseline, arms and criteria")

@@ -217,9 +217,9 @@ def save_checkpoint(
     step: int,
     model,
     ema,
+    *,
     optimizer,
     scaler,
-    *,
     config: str,
     processes: int,
     progress: dict,
@@ -243,7 +243,7 @@ def save_checkpoint(
 
 
 def restore(
-    ckpt: Checkpoint, model, ema, optimizer, scaler, device, weights_only: bool = False
+    ckpt: Checkpoint, model, ema, optimizer, *, scaler, device, weights_only: bool = False
 ) -> None:
     """Load the checkpoint's state into the given objects (all of them, or with
     ``weights_only`` the model and EMA, for train.init_from with a fresh optimizer)."""
@@ -270,18 +270,18 @@ def restore(
         scaler.load_state_dict(state["scaler"])
 
 
-def start_from(cfg, resumed, parent, model, ema, optimizer, scaler, device) -> dict | None:
+def start_from(cfg, resumed, parent, *, model, ema, optimizer, scaler, device) -> dict | None:
     """Load the resumed checkpoint (everything) or train.init_from's weights (and,
     with train.init_keep_optimizer, its moments at this run's hyperparameters).
     Returns the parent record config.yaml keeps (carried over when a child resumes)."""
     if resumed is not None:
-        restore(resumed, model, ema, optimizer, scaler, device)
+        restore(resumed, model, ema, optimizer, scaler=scaler, device=device)
         resumed.release_weights()
         return resumed.config.get("parent")
     if parent is None:
         return None
     keep = cfg.train.init_keep_optimizer
-    restore(parent, model, ema, optimizer, scaler, device, weights_only=not keep)
+    restore(parent, model, ema, optimizer, scaler=scaler, device=device, weights_only=not keep)
     parent.release_weights()
     o = cfg.optim
     optimizer.set_hyperparameters(o.lr, (o.beta1, o.beta2), o.weight_decay)

@@ -12,13 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-from fastdiff.config import load_run_config, need
+from fastdiff.config import need
 from fastdiff.curvature import RunProbes
 from fastdiff.data import probe_pool
 from fastdiff.errors import Parser, guarded
 from fastdiff.objective import Objective
-from fastdiff.restore import host_batches, model_from_checkpoint
-from fastdiff.rundir import find_checkpoint
+from fastdiff.restore import load_run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 def measure(args: argparse.Namespace) -> int:
     for flag, value in (("--probes", args.probes), ("--batch-size", args.batch_size)):
         need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
-    cfg = load_run_config(args.run_dir)
-    step, ckpt = find_checkpoint(args.run_dir, args.step)
+    run = load_run(args.run_dir, args.step, weights="model")
+    cfg, step = run.cfg, run.step
     c, T = cfg.curvature, cfg.diffusion.T
     if args.probes is not None:
         c.probes = args.probes
@@ -64,15 +63,14 @@ def measure(args: argparse.Namespace) -> int:
         f"--batch-size must be a multiple of the run's curvature.t_bins={c.t_bins} (each "
         f"timestep band gets whole strata of the batch), got {c.batch_size}",
     )
-    images = probe_pool(cfg.data, host_batches(cfg))
+    images = probe_pool(cfg.data, run.host_batches())
     need(
         c.batch_size <= len(images),
         f"--batch-size must be <= {len(images)}, the images the run's probe batch is drawn "
         f"from, got {c.batch_size}",
     )
-    model = model_from_checkpoint(cfg, ckpt, "model")
     probes = RunProbes(images, cfg, Objective.of(cfg, "cpu"), "cpu")
-    print(json.dumps({"step": step, "probes": c.probes, **probes(model)}))
+    print(json.dumps({"step": step, "probes": c.probes, **probes(run.model)}))
     return 0
 
 

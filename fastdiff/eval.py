@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.config import load_run_config, need
+from fastdiff.config import need
 from fastdiff.diffusion import Schedule
 from fastdiff.errors import Parser, guarded
 from fastdiff.fid import build_evaluator, chosen_extractor, generate, resolve_weights
-from fastdiff.restore import host_batches, model_from_checkpoint
-from fastdiff.rundir import find_checkpoint, write_text
+from fastdiff.restore import load_run
+from fastdiff.rundir import write_text
 from fastdiff.sampling import SAMPLERS
 from fastdiff.tuning import reuse_freed_memory
 
@@ -48,8 +48,9 @@ def evaluate(args: argparse.Namespace) -> int:
     # FID needs a covariance of the samples' features: at least two of them.
     need(args.samples >= 2, f"--samples must be >= 2, got {args.samples}")
     need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    cfg = load_run_config(args.run_dir)
-    step, ckpt = find_checkpoint(args.run_dir, args.step)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = load_run(args.run_dir, args.step, weights="ema", device=device)
+    cfg, step = run.cfg, run.step
     T = cfg.diffusion.T
     need(1 <= args.nfe <= T, f"--nfe must be in [1, T={T}], got {args.nfe}")
     fid = cfg.eval.fid
@@ -57,9 +58,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if chosen_extractor(fid, cfg.data.name) == "inception":
         # Resolved here rather than in build_evaluator, so that an error names --weights.
         fid.weights_path = str(resolve_weights(fid.weights_path, option="--weights"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluator, _ = build_evaluator(cfg, host_batches(cfg), device, explicit=True)
-    model = model_from_checkpoint(cfg, ckpt, "ema", device)
+    evaluator, _ = build_evaluator(cfg, run.host_batches(), device, explicit=True)
+    model = run.model
     schedule = Schedule.make(cfg.diffusion.beta_schedule, T)
     start = time.perf_counter()
     samples = generate(
@@ -67,10 +67,10 @@ def evaluate(args: argparse.Namespace) -> int:
         schedule,
         range(args.samples),
         (3, cfg.data.image_size, cfg.data.image_size),
-        args.sampler,
-        args.nfe,
-        cfg.eval.seed,
-        args.batch_size,
+        sampler=args.sampler,
+        nfe=args.nfe,
+        seed=cfg.eval.seed,
+        batch_size=args.batch_size,
         progress=True,
     )
     result = {

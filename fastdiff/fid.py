@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from fastdiff.diffusion import Schedule
 from fastdiff.errors import FIDUnavailable
-from fastdiff.sampling import SAMPLERS, to_uint8
+from fastdiff.sampling import sample, to_uint8
 from fastdiff.seeding import stream_generator
 from fastdiff.stats import bootstrap_fid, frechet_from_features, sqrt_psd
 
@@ -243,13 +243,16 @@ def generate(
     schedule: Schedule,
     indices: range,
     image_shape,
+    *,
     sampler: str,
     nfe: int,
     seed: int,
     batch_size: int,
+    ddpm_variance: str = "posterior",
     progress: bool = False,
 ) -> torch.Tensor:
-    """Samples ``indices`` as uint8 (len(indices), C, H, W) in a (pinned) host buffer."""
+    """Samples ``indices`` as uint8 (len(indices), C, H, W) in a (pinned) host buffer, each
+    from its own generator (:func:`sample_generators`) through :func:`fastdiff.sampling.sample`."""
     # The buffer is uninitialised memory until a batch lands in it: a batch size that
     # fills none of it (range(0, n, -5) is empty) must not hand it back as samples.
     if batch_size < 1:
@@ -257,7 +260,6 @@ def generate(
     device = next(model.parameters()).device
     pinned = device.type == "cuda"
     out = torch.empty((len(indices), *image_shape), dtype=torch.uint8, pin_memory=pinned)
-    fn = SAMPLERS[sampler]
     from tqdm.auto import tqdm
 
     for start in tqdm(
@@ -268,7 +270,15 @@ def generate(
     ):
         idx = indices[start : start + batch_size]
         gens = sample_generators(seed, idx, device)
-        x = fn(model, (len(idx), *image_shape), schedule, nfe, gens)
+        x = sample(
+            sampler,
+            model,
+            (len(idx), *image_shape),
+            schedule,
+            nfe=nfe,
+            generator=gens,
+            ddpm_variance=ddpm_variance,
+        )
         # Device-side uint8, then an async copy: the next batch starts while this one lands.
         out[start : start + len(idx)].copy_(to_uint8(x), non_blocking=pinned)
     if pinned:
@@ -291,6 +301,7 @@ class FIDEvaluator:
         ref_name: str,
         weights: Path,
         stats_path: str | None = None,
+        *,
         cache_dir: str | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
@@ -417,7 +428,7 @@ class FIDEvaluator:
                 out["recall"] = pr["recall"]
         if bootstrap:
             boot = bootstrap_fid(
-                feats.double().numpy(), mu_ref, sigma_ref, bootstrap, seed, root=root
+                feats.double().numpy(), mu_ref, sigma_ref, bootstrap, seed=seed, root=root
             )
             out |= {f"fid_{k}": boot[k] for k in ("lo", "hi", "se", "debiased")}
         return out
@@ -467,6 +478,12 @@ def build_evaluator(cfg, batches, device, explicit: bool) -> tuple[FIDEvaluator 
         f", statistics {fid_cfg.stats_path}" if fid_cfg.stats_path else "",
     )
     evaluator = FIDEvaluator(
-        images, name, weights, fid_cfg.stats_path, fid_cfg.cache_dir, device, extractor=extractor
+        images,
+        name,
+        weights,
+        fid_cfg.stats_path,
+        cache_dir=fid_cfg.cache_dir,
+        device=device,
+        extractor=extractor,
     )
     return evaluator, ""

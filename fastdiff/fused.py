@@ -35,7 +35,7 @@ from fastdiff.config import Config, ConfigError, compose, to_config
 from fastdiff.errors import BAD_INPUT, Parser, fail
 from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
-from fastdiff.tuning import Dropout, amp_precision, dropout_mask
+from fastdiff.tuning import Dropout, amp_precision, training_mask
 from fastdiff.unet import build_model
 from fastdiff.window import StepOut
 
@@ -187,14 +187,16 @@ class FusedRuns:
         return functional_call(self.module, {**params, **masks}, (x, t))
 
     def _dropout_layout(self) -> list[tuple]:
-        """(name, shape, stride, p) of every dropout input in forward order (the order a
-        standalone step draws its masks in), from one forward pass."""
+        """(name, shape, stride, dtype, p) of every dropout input in forward order (the
+        order a standalone step draws its masks in), from one forward pass."""
         t0 = self.trainers[0]
         seen = []
+
+        def record(m, a, name):
+            seen.append((name, a[0].shape, a[0].stride(), a[0].dtype, m.p))
+
         hooks = [
-            m.register_forward_pre_hook(
-                lambda m, a, name=name: seen.append((name, a[0].shape, a[0].stride(), m.p))
-            )
+            m.register_forward_pre_hook(lambda m, a, name=name: record(m, a, name))
             for name, m in self.module.named_modules()
             if isinstance(m, Dropout) and m.p > 0
         ]
@@ -223,12 +225,17 @@ class FusedRuns:
         return self._stacked, self._grad
 
     def _draw_masks(self, trainer, step: int) -> list[torch.Tensor]:
+        """The masks the run's standalone step would draw, on its device: seeded as that
+        step seeds them (its dropout stream, through the default generators), layer by
+        layer in forward order. On CUDA they are then F.dropout's Philox masks, so a fused
+        run equals its standalone run there too, and no mask crosses from the host."""
         cfg, rank = trainer.cfg, trainer.acc.process_index
-        g = torch.Generator().manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
-        return [
-            dropout_mask(torch.empty_strided(shape, stride), p, g).to(trainer.device)
-            for _, shape, stride, p in self.masks
+        torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
+        like = [
+            torch.empty_strided(shape, stride, dtype=dtype, device=trainer.device)
+            for _, shape, stride, dtype, _ in self.masks
         ]
+        return [training_mask(x, layout[-1]) for x, layout in zip(like, self.masks)]
 
     def step(self, step: int, trainers=None) -> list[StepOut]:
         """One step of every run (or of ``trainers``): their losses from one vmapped

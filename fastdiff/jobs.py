@@ -47,7 +47,7 @@ class Grids:
     contrast with the same numbers for training images: washed-out or collapsed
     samples show there (MS1-e9)."""
 
-    def __init__(self, run_dir: Path, sampling, schedule, image_shape, reference: torch.Tensor):
+    def __init__(self, run_dir: Path, sampling, schedule, image_shape, *, reference: torch.Tensor):
         self.dir, self.cfg, self.schedule = run_dir / "samples", sampling, schedule
         self.shape = (sampling.grid_images, *image_shape)
         self.reference = reference[: sampling.grid_images].float() / 255  # uint8 training images
@@ -57,7 +57,15 @@ class Grids:
 
         c = self.cfg
         g = stream_generator(c.seed, "grid")
-        x = sample(c.grid_sampler, model, self.shape, self.schedule, c.grid_nfe, g, c.ddpm_variance)
+        x = sample(
+            c.grid_sampler,
+            model,
+            self.shape,
+            self.schedule,
+            nfe=c.grid_nfe,
+            generator=g,
+            ddpm_variance=c.ddpm_variance,
+        )
         x = (x.float().cpu() + 1) / 2
         stats = {
             kind: {
@@ -79,7 +87,14 @@ class FIDJob:
     precision/recall (collapse shows as low recall); milestones only track the trend."""
 
     def __init__(
-        self, evaluator: FIDEvaluator, eval_cfg, accelerator, metrics: MetricsLog, schedule, shape
+        self,
+        evaluator: FIDEvaluator,
+        eval_cfg,
+        accelerator,
+        metrics: MetricsLog,
+        *,
+        schedule,
+        shape,
     ):
         self.fid, self.cfg, self.acc, self.metrics = evaluator, eval_cfg, accelerator, metrics
         self.schedule, self.shape = schedule, shape
@@ -102,12 +117,19 @@ class FIDJob:
             "seed": e.seed,
         }
 
-    def _score(self, step: int, model, n: int, prefix: str, final: bool) -> None:
+    def _score(self, step: int, model, n: int, prefix: str, *, final: bool) -> None:
         e, acc = self.cfg, self.acc
         start = time.perf_counter()
         mine = shard_of(n, acc.process_index, acc.num_processes)
         samples = generate(
-            model, self.schedule, mine, self.shape, e.sampler, e.nfe, e.seed, e.batch_size
+            model,
+            self.schedule,
+            mine,
+            self.shape,
+            sampler=e.sampler,
+            nfe=e.nfe,
+            seed=e.seed,
+            batch_size=e.batch_size,
         )
         if acc.num_processes > 1:
             samples = torch.cat(gather_object([samples]))

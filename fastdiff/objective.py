@@ -7,7 +7,7 @@ The trainer minimises it, the curvature probe differentiates it twice
 second order (:func:`fastdiff.taylor.vhv_taylor_per_sample`). Where a change goes:
 
 - a new weighting: :func:`fastdiff.diffusion.loss_weight` (the table w(t)), and for
-  ``model.kernels=triton`` also ``kernels/weighted_mse.py``, whose fused kernel
+  ``model.kernels=triton`` also ``fastdiff/kernels/weighted_mse.py``, whose fused kernel
   computes w(t) from ᾱ_t itself instead of reading the table;
 - a new schedule: :func:`fastdiff.diffusion.make_betas`.
 """

@@ -32,6 +32,7 @@ class FlatAdam:
         accelerator,
         lr: float,
         betas: tuple[float, float],
+        *,
         weight_decay: float,
         grad_clip: float,
         name: str = "adam",

@@ -72,6 +72,7 @@ def ddpm_sample(
     shape,
     schedule: Schedule,
     nfe: int,
+    *,
     generator: torch.Generator,
     variance: str = "posterior",
 ) -> torch.Tensor:
@@ -105,7 +106,7 @@ def ddpm_sample(
 @register("ddim")
 @torch.no_grad()
 def ddim_sample(
-    model, shape, schedule: Schedule, nfe: int, generator: torch.Generator
+    model, shape, schedule: Schedule, nfe: int, *, generator: torch.Generator
 ) -> torch.Tensor:
     """Deterministic DDIM (η = 0, Song et al. 2021, eq. 12) on the respaced chain:
     x_{i−1} = √ᾱ'_{i−1} x̂0 + √(1−ᾱ'_{i−1}) ε̂, with ε̂ re-derived from the clipped x̂0."""
@@ -129,16 +130,17 @@ def sample(
     model,
     shape,
     schedule: Schedule,
+    *,
     nfe: int,
     generator: torch.Generator,
     ddpm_variance: str = "posterior",
 ) -> torch.Tensor:
-    """Look a sampler up by name (``sampling.grid_sampler`` in the config) and run it;
+    """Look a sampler up by name and run it: the one way grids and FID sample.
     ``ddpm_variance`` is DDPM's σ² choice (``sampling.ddpm_variance``), unused by DDIM."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
     options = {"variance": ddpm_variance} if name == "ddpm" else {}
-    return SAMPLERS[name](model, shape, schedule, nfe, generator, **options)
+    return SAMPLERS[name](model, shape, schedule, nfe, generator=generator, **options)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

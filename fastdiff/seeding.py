@@ -27,7 +27,9 @@ def stream_generator(
     return g
 
 
-def step_draws(seed: int, step: int, rank: int, world_size: int, batch: int, shape, T: int, device):
+def step_draws(
+    seed: int, step: int, rank: int, world_size: int, *, batch: int, shape, T: int, device
+):
     """This rank's slice of a training step's timesteps (B,) and noise (B, C, H, W).
 
     Drawn for the global batch and sliced, so N processes at batch B see what one

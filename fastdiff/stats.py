@@ -114,18 +114,20 @@ def seed_interval(measures: list[Measure], level: float = LEVEL) -> Interval:
         sd = floor
         half = _quantile(0.5 + level / 2, len(values) - 1) * sd / math.sqrt(len(values))
         lo, hi = mean - half, mean + half
-    return Interval(mean, lo, hi, "seeds (paired t)", values, sd)
+    return Interval(mean, lo, hi, "seeds (paired t)", values=values, sd=sd)
 
 
 def run_interval(m: Measure, level: float = LEVEL) -> Interval:
     """One seed pair's interval from its runs' measurement error (an unknown one gives
     (−∞, ∞): inconclusive, however the point estimate falls)."""
     if m.lo is not None and m.hi is not None:
-        return Interval(m.value, m.lo, m.hi, "within run", [m.value], m.error(level))
+        return Interval(m.value, m.lo, m.hi, "within run", values=[m.value], sd=m.error(level))
     if m.se is None:
-        return Interval(m.value, -math.inf, math.inf, "within run (no standard error)", [m.value])
+        return Interval(
+            m.value, -math.inf, math.inf, "within run (no standard error)", values=[m.value]
+        )
     lo, hi = normal_interval(m.value, m.se, level, m.df)
-    return Interval(m.value, lo, hi, "within run", [m.value], m.se)
+    return Interval(m.value, lo, hi, "within run", values=[m.value], sd=m.se)
 
 
 def interval(measures: list[Measure], level: float = LEVEL) -> Interval | None:
@@ -195,6 +197,7 @@ def bootstrap_fid(
     mu_ref: np.ndarray,
     sigma_ref: np.ndarray,
     resamples: int = 100,
+    *,
     seed: int = 0,
     level: float = LEVEL,
     root: np.ndarray | None = None,

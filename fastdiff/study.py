@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             log = root / "logs" / f"{arm}-seed{seed}.log"
             if run_logged(cmd, log) != 0:
                 failed.append(f"{arm} seed {seed} (log: {log})")
-    from fastdiff.report import Run, write_report
+    from fastdiff.report import Run
+    from fastdiff.report.render import write_report
 
     # this command's seeds only: the folder may hold more from an earlier --seeds
     dirs = [root / arm / f"seed{seed}" for seed in seeds for arm in card.arms]

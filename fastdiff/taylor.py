@@ -74,7 +74,9 @@ def bilinear(f: Callable, x: Jet, w: Jet) -> Jet:
     )
 
 
-def _layer(f: Callable, x: Jet, w: Jet, b: Jet, both: Callable | None = None, settle=None) -> Jet:
+def _layer(
+    f: Callable, x: Jet, w: Jet, b: Jet, *, both: Callable | None = None, settle=None
+) -> Jet:
     """f(x, w) + b for a layer whose parameters move linearly (w₂ = b₂ = 0), biases
     inside ``f``. ``both(x₁, w₁)`` computes the term where both sides vary with the
     probe (default ``f``); ``settle`` lays out c₁ when it is x₀·w₁ alone."""
@@ -91,7 +93,7 @@ def _layer(f: Callable, x: Jet, w: Jet, b: Jet, both: Callable | None = None, se
     return Jet(f(x.c0, w.c0, b.c0), c1, c2)
 
 
-def conv2d(x: Jet, w: Jet, b: Jet, stride, padding) -> Jet:
+def conv2d(x: Jet, w: Jet, b: Jet, *, stride, padding) -> Jet:
     """conv(x, w) + b. Under vmap x₀·w₁ comes out as (B, K·C, H, W), strided across
     probes: settled channels_last when it stands alone."""
 
@@ -101,7 +103,7 @@ def conv2d(x: Jet, w: Jet, b: Jet, stride, padding) -> Jet:
     def both(a, weight):
         return probe_conv(a, weight, _pair(stride), _pair(padding))
 
-    return _layer(conv, x, w, b, both, _channels_last)
+    return _layer(conv, x, w, b, both=both, settle=_channels_last)
 
 
 def linear_layer(x: Jet, w: Jet, b: Jet) -> Jet:
@@ -189,7 +191,7 @@ def softmax(a: Jet) -> Jet:
     return Jet(s, c1, c2)
 
 
-def group_norm(x: Jet, gamma: Jet, beta: Jet, groups: int, eps: float) -> Jet:
+def group_norm(x: Jet, gamma: Jet, beta: Jet, *, groups: int, eps: float) -> Jet:
     """GroupNorm as y = x·a + b with per-(sample, channel) a = γ·rstd and b = β − μ·a:
     the full-size tensors see 8 reductions and 5 fused multiply-adds; the group
     statistics' own series are tiny."""
@@ -244,11 +246,11 @@ class _Walker:
     def __call__(self, module: nn.Module, x: Jet, temb=None) -> Jet:
         p = self.params[module]
         if isinstance(module, nn.Conv2d):
-            return conv2d(x, p["weight"], p["bias"], module.stride, module.padding)
+            return conv2d(x, p["weight"], p["bias"], stride=module.stride, padding=module.padding)
         if isinstance(module, nn.Linear):
             return linear_layer(x, p["weight"], p["bias"])
         if isinstance(module, nn.GroupNorm):
-            out = group_norm(x, p["weight"], p["bias"], module.num_groups, module.eps)
+            out = group_norm(x, p["weight"], p["bias"], groups=module.num_groups, eps=module.eps)
             return silu(out) if isinstance(module, GroupNormSiLU) else out
         if isinstance(module, nn.SiLU):
             return silu(x)
@@ -324,13 +326,14 @@ def vhv_taylor(
     params: dict[str, torch.Tensor],
     v: dict[str, torch.Tensor],
     x_t: torch.Tensor,
+    *,
     t: torch.Tensor,
     noise: torch.Tensor,
     weight: torch.Tensor,
 ) -> torch.Tensor:
     """vᵀHv of mean_b w_b·mean_pix (model(x_t, t) − noise)² w.r.t. the parameters, for
     one probe v (a dict like ``params``); batch probes with ``torch.func.vmap``."""
-    return (weight * vhv_taylor_per_sample(model, params, v, x_t, t, noise)).mean()
+    return (weight * vhv_taylor_per_sample(model, params, v, x_t, t=t, noise=noise)).mean()
 
 
 def vhv_taylor_per_sample(
@@ -338,6 +341,7 @@ def vhv_taylor_per_sample(
     params: dict[str, torch.Tensor],
     v: dict[str, torch.Tensor],
     x_t: torch.Tensor,
+    *,
     t: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:

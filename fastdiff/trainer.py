@@ -31,6 +31,7 @@ from fastdiff.flops import peak_flops, train_step_flops
 from fastdiff.jobs import FIDJob, Grids, Interruptible
 from fastdiff.objective import Objective
 from fastdiff.optim import FlatAdam
+from fastdiff.restore import model_of
 from fastdiff.rundir import (
     MetricsLog,
     checkpoint_step,
@@ -51,7 +52,6 @@ from fastdiff.stopping import (
 )
 from fastdiff.stopping import status as stop_status
 from fastdiff.tuning import amp_precision
-from fastdiff.unet import build_model
 from fastdiff.window import Progress, StepOut, Window
 
 log = logging.getLogger("fastdiff")
@@ -73,8 +73,14 @@ class Trainer:
         # One run per run directory: a folder holding another run is refused untouched.
         self.run_dir, self.restarted = self._claim_run_dir()
         # Data next: a missing or unreadable data set fails before anything is written.
-        where = (acc.process_index, acc.num_processes, self.device)
-        self.batches = make_batches(cfg.data, cfg.train.batch_size, cfg.train.seed, *where)
+        self.batches = make_batches(
+            cfg.data,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            device=self.device,
+        )
         self.image_shape = (3, cfg.data.image_size, cfg.data.image_size)
         explicit = cfg.eval.fid.enabled is True
         if cfg.eval.fid.enabled is False:
@@ -94,8 +100,17 @@ class Trainer:
     def _start_record(self) -> None:
         """The weights to start from, then the run dir, config.yaml, the metrics log and
         the jobs."""
-        cfg, state = self.cfg, (self.module, self.ema, self.optimizer, self.acc.scaler)
-        parent = ckpt.start_from(cfg, self.resumed, self.parent, *state, self.device)
+        cfg = self.cfg
+        parent = ckpt.start_from(
+            cfg,
+            self.resumed,
+            self.parent,
+            model=self.module,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scaler=self.acc.scaler,
+            device=self.device,
+        )
         if self.resumed is not None:
             self.batches.seek(self.start_step)
             log.info("resumed from %s at step %d", self.resumed.path, self.start_step)
@@ -120,26 +135,33 @@ class Trainer:
             else None
         )
         shape = self.image_shape
-        self.grids = Grids(self.run_dir, cfg.sampling, self.schedule, shape, self.reference_images)
+        self.grids = Grids(
+            self.run_dir, cfg.sampling, self.schedule, shape, reference=self.reference_images
+        )
         if self.fid is not None:
-            self.fid_job = FIDJob(self.fid, cfg.eval, self.acc, self.metrics, self.schedule, shape)
+            self.fid_job = FIDJob(
+                self.fid, cfg.eval, self.acc, self.metrics, schedule=self.schedule, shape=shape
+            )
 
     # ----------------------------------------------------------------- set-up
     def _build_model(self) -> None:
         cfg = self.cfg
         m = cfg.model
-        model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
-        model = model.to(self.device)
-        if m.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = model_of(cfg, self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         # counted once on the meta device: convolutions, matmuls and attention, fwd + bwd
         size, batch = cfg.data.image_size, cfg.train.batch_size
         self.step_flops = train_step_flops(m.name, m.base_channels, size, batch)
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device, self.acc.mixed_precision)
         o = cfg.optim
         self.optimizer = FlatAdam(
-            model, self.acc, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.train.grad_clip, o.name
+            model,
+            self.acc,
+            o.lr,
+            (o.beta1, o.beta2),
+            weight_decay=o.weight_decay,
+            grad_clip=cfg.train.grad_clip,
+            name=o.name,
         )
         self.ema = EMA(model, cfg.train.ema_decay, self.optimizer.flat)
         # The model is on self.device already: accelerate's own .to("cpu:0") would copy
@@ -187,8 +209,17 @@ class Trainer:
         """This rank's images (B, C, H, W), timesteps (B,) and noise for ``step``."""
         cfg, rank, world = self.cfg, self.acc.process_index, self.acc.num_processes
         x0 = self.batches.batch(step)
-        args = (x0.shape[0], self.image_shape, cfg.diffusion.T, self.device)
-        return x0, *step_draws(cfg.train.seed, step, rank, world, *args)
+        t, noise = step_draws(
+            cfg.train.seed,
+            step,
+            rank,
+            world,
+            batch=x0.shape[0],
+            shape=self.image_shape,
+            T=cfg.diffusion.T,
+            device=self.device,
+        )
+        return x0, t, noise
 
     def train_step(self, step: int) -> StepOut:
         """One optimizer step; a non-finite loss or gradient skips the update on the device."""
@@ -335,7 +366,8 @@ class Trainer:
         if self.main:
             write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.cfg.train.report and not self.signals.hard:  # a second signal: no report
-                from fastdiff.report import Run, write_report
+                from fastdiff.report import Run
+                from fastdiff.report.render import write_report
 
                 report = write_report([Run.load(self.run_dir)], self.run_dir / "report")
                 log.info("report: %s", report)
@@ -473,8 +505,8 @@ class Trainer:
                 step,
                 self.module,
                 self.ema,
-                self.optimizer,
-                self.acc.scaler,
+                optimizer=self.optimizer,
+                scaler=self.acc.scaler,
                 config=self.config_text,
                 processes=self.acc.num_processes,
                 progress=self.progress.record(step, self.window),

@@ -8,7 +8,8 @@ the maths: the tests compare each against the plain version.
 - :func:`amp_precision`: what ``train.amp`` means on this machine;
 - :func:`reuse_freed_memory`: glibc keeps freed host memory (applied by the entry points);
 - :class:`GroupNorm32`: GroupNorm in fp32 under CPU autocast;
-- :class:`Dropout`: dropout masks from 16-bit draws on CPU;
+- :class:`Dropout`: dropout masks from 16-bit draws on CPU (:func:`training_mask`: the
+  mask it applies, for a caller that hands masks in);
 - :func:`dense_layout`: which parameters a flat buffer can hold with their own strides.
 
 Elsewhere, because they are part of a structure rather than a layer: the flat
@@ -37,8 +38,17 @@ def amp_precision(amp: bool, cuda: bool) -> str:
         return "no"
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    caps = torch.cpu.get_capabilities()
-    return "bf16" if caps.get("amx_bf16") or caps.get("avx512_bf16") else "no"
+    return "bf16" if cpu_multiplies_bf16() else "no"
+
+
+def cpu_multiplies_bf16() -> bool:
+    """AMX or AVX512-BF16 on this CPU. ``torch.cpu.get_capabilities`` is newer than the
+    torch 2.11 of the lent GPU machines, which have the private probes instead."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 # ------------------------------------------------------------------ host memory
@@ -118,6 +128,16 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         return x * dropout_mask(x, self.p)
+
+
+def training_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The x-shaped factor :class:`Dropout` multiplies ``x`` by in training, drawn as its
+    forward draws it, from the default generator of x's device: on CPU
+    :func:`dropout_mask`, elsewhere ``F.dropout`` of ones (its Philox draws depend on the
+    generator's state and on x's shape, strides and dtype, never on x's values)."""
+    if x.device.type == "cpu":
+        return dropout_mask(x, p)
+    return F.dropout(torch.ones_like(x), p, training=True)
 
 
 def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None):

@@ -73,7 +73,7 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, *, groups: int):
         super().__init__()
         self.norm1 = GroupNormSiLU(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
@@ -131,6 +131,7 @@ class UNet(nn.Module):
         base_channels: int = 64,
         dropout: float = 0.1,
         image_size: int = 32,
+        *,
         in_channels: int = 3,
         kernels: str = "torch",
     ):
@@ -155,7 +156,14 @@ class UNet(nn.Module):
         for level, mult in enumerate(spec.ch_mult):
             for _ in range(spec.num_res_blocks):
                 self.down.append(
-                    self._block(cur, ch * mult, temb_ch, dropout, g, res in spec.attn_resolutions)
+                    self._block(
+                        cur,
+                        ch * mult,
+                        temb_ch,
+                        dropout,
+                        groups=g,
+                        attn=res in spec.attn_resolutions,
+                    )
                 )
                 cur = ch * mult
                 skips.append(cur)
@@ -166,9 +174,9 @@ class UNet(nn.Module):
 
         self.mid = nn.ModuleList(
             [
-                ResBlock(cur, cur, temb_ch, dropout, g),
+                ResBlock(cur, cur, temb_ch, dropout, groups=g),
                 Attention(cur, g),
-                ResBlock(cur, cur, temb_ch, dropout, g),
+                ResBlock(cur, cur, temb_ch, dropout, groups=g),
             ]
         )
 
@@ -181,8 +189,8 @@ class UNet(nn.Module):
                         ch * mult,
                         temb_ch,
                         dropout,
-                        g,
-                        res in spec.attn_resolutions,
+                        groups=g,
+                        attn=res in spec.attn_resolutions,
                     )
                 )
                 cur = ch * mult
@@ -215,8 +223,8 @@ class UNet(nn.Module):
         self._register_load_state_dict_pre_hook(_stack_block_projections)
 
     @staticmethod
-    def _block(in_ch, out_ch, temb_ch, dropout, groups, attn: bool) -> nn.Module:
-        res = ResBlock(in_ch, out_ch, temb_ch, dropout, groups)
+    def _block(in_ch, out_ch, temb_ch, dropout, *, groups, attn: bool) -> nn.Module:
+        res = ResBlock(in_ch, out_ch, temb_ch, dropout, groups=groups)
         return nn.ModuleList([res, Attention(out_ch, groups)]) if attn else nn.ModuleList([res])
 
     @staticmethod

@@ -5,7 +5,12 @@ import sys
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the kernel tests run the Triton kernels in the interpreter (Triton reads
+# the variable when the kernels are defined, fastdiff.kernels.use_triton at each call).
+# With one, the GPU tests must run the compiled kernels on the device, not the
+# interpreter on copies in host memory.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # make test runs one pytest-xdist worker per core: each worker, and each process it
 # spawns, then takes its share of the cores instead of all of them (oversubscribed
 # OpenMP threads spin against each other).

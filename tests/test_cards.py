@@ -9,7 +9,7 @@ import yaml
 
 from fastdiff.cards import ConfigError, load_card, shipped
 from fastdiff.report import INCONCLUSIVE, PASS, evaluate
-from fastdiff.report import main as report_main
+from fastdiff.report.render import main as report_main
 from tests.test_report import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_a_new_arm_and_threshold_need_no_code(tmp_path):
     g5 = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=10.5, fid_se=0.2)
     g1 = make_run(tmp_path / "c", "e9b", "minsnr", "cosine", final_fid=13.0, fid_se=0.2)
     g1.config["loss"]["minsnr_gamma"] = 1.0
-    crits, notes = evaluate([base, g5, g1], str(path))
+    crits, notes = evaluate([base, g5, g1], load_card(path))
     by = {c.name: c for c in crits}
     five, one = by["final FID within 20% of vanilla (pathology at ≥2×) — e9b"], None
     one = by["final FID within 20% of vanilla (pathology at ≥2×) — g1"]

@@ -15,10 +15,11 @@ from fastdiff.curvature_cli import main as curvature_main
 from fastdiff.data import load_digits
 from fastdiff.data.prepare import main as prepare_main
 from fastdiff.diffusion import Schedule
+from fastdiff.errors import ConfigError
 from fastdiff.eval import main as eval_main
 from fastdiff.fid import generate, random_inception_weights
 from fastdiff.report.render import main as report_main
-from fastdiff.restore import model_from_checkpoint
+from fastdiff.restore import load_run
 from fastdiff.rundir import find_checkpoint
 from fastdiff.trainer import training_loop
 from fastdiff.unet import build_model
@@ -67,7 +68,16 @@ def test_generate_refuses_a_batch_size_that_fills_no_sample():
     schedule = Schedule.make("linear", 1000)
     for batch_size in (0, -5):
         with pytest.raises(ValueError, match="batch_size must be >= 1"):
-            generate(model, schedule, range(4), (3, 8, 8), "ddpm", 2, 0, batch_size)
+            generate(
+                model,
+                schedule,
+                range(4),
+                (3, 8, 8),
+                sampler="ddpm",
+                nfe=2,
+                seed=0,
+                batch_size=batch_size,
+            )
 
 
 @pytest.mark.parametrize(
@@ -123,17 +133,23 @@ def test_report_errors_go_to_stderr(tmp_path, capsys):
 
 
 def test_eval_and_curvature_restore_the_weights_they_measure(run_dir):
-    cfg = load_run_config(run_dir)
-    cfg.model.channels_last = True
-    _, ckpt = find_checkpoint(run_dir)
+    step, ckpt = find_checkpoint(run_dir)
     state = torch.load(ckpt, map_location="cpu")
     for which in ("ema", "model"):
-        model = model_from_checkpoint(cfg, ckpt, which)
+        run = load_run(run_dir, weights=which)
+        assert (run.step, run.checkpoint) == (step, ckpt)
+        assert run.cfg == load_run_config(run_dir)
+        run.cfg.model.channels_last = True  # the model is built from the run's config
+        model = run.model
         assert not model.training
         assert model.out[1].weight.is_contiguous(memory_format=torch.channels_last)
         for k, v in model.state_dict().items():
             assert torch.equal(v, state[which][k]), (which, k)
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["ema"])
+    with pytest.raises(ConfigError, match="weights must be one of ema, model"):
+        load_run(run_dir, weights="raw")
+    with pytest.raises(ConfigError, match="no checkpoint for step 7"):
+        load_run(run_dir, step=7)
 
 
 @pytest.fixture(scope="module")

@@ -174,9 +174,9 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
             p.t[rows],
             p.noise[rows],
             sched.alphas_cumprod.float(),
-            sched.loss_weights("minsnr", 5.0),
-            cfg.curvature.probes,
-            cfg.train.seed,
+            weights=sched.loss_weights("minsnr", 5.0),
+            probes=cfg.curvature.probes,
+            seed=cfg.train.seed,
             method="jvp",
         )
         alone.x_t = p.x_t[rows]  # the same noised inputs as the one pass
@@ -203,9 +203,9 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
             p.t[b : b + 1],
             p.noise[b : b + 1],
             sched.alphas_cumprod.float(),
-            sched.loss_weights("minsnr", 5.0),
-            cfg.curvature.probes,
-            cfg.train.seed,
+            weights=sched.loss_weights("minsnr", 5.0),
+            probes=cfg.curvature.probes,
+            seed=cfg.train.seed,
             method="jvp",
         )
         alone.x_t = p.x_t[b : b + 1]

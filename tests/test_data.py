@@ -221,7 +221,9 @@ def test_training_from_shards(cifar, tmp_path):
             ]
         )
     )
-    assert isinstance(make_batches(cfg.data, 2, 0, 0, 1, "cpu"), StreamBatches)
+    assert isinstance(
+        make_batches(cfg.data, 2, 0, rank=0, world_size=1, device="cpu"), StreamBatches
+    )
     summary = training_loop(cfg)
     assert summary["step"] == 6 and summary["data/skipped"] == 0
     (run_dir,) = (tmp_path / "custom").iterdir()

@@ -113,6 +113,13 @@ def test_eps_loss_is_per_sample_weighted_mse():
     noise = torch.stack([torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 3.0)])
     weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     ac = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
-    loss = eps_loss(model, torch.zeros(2, 1, 2, 2), torch.tensor([0, 2]), noise, ac, weights)
+    loss = eps_loss(
+        model,
+        torch.zeros(2, 1, 2, 2),
+        torch.tensor([0, 2]),
+        noise,
+        alphas_cumprod=ac,
+        weights=weights,
+    )
     assert loss.shape == (2,)
     assert loss.tolist() == pytest.approx([0.5 * 4.0, 2.0 * 9.0])

@@ -20,7 +20,7 @@ from fastdiff.fid import (
     sample_generators,
     shard_of,
 )
-from fastdiff.sampling import to_uint8
+from fastdiff.sampling import sample, to_uint8
 from fastdiff.trainer import training_loop
 from tests.conftest import tiny
 
@@ -117,18 +117,63 @@ class Halving(torch.nn.Module):
 def test_samples_do_not_depend_on_batch_size_or_process_count(sampler, nfe):
     sched = Schedule.make("linear", 100)
     model = Halving()
-    one = generate(model, sched, range(7), (3, 4, 4), sampler, nfe, seed=3, batch_size=7)
-    small = generate(model, sched, range(7), (3, 4, 4), sampler, nfe, seed=3, batch_size=2)
+    one = generate(
+        model, sched, range(7), (3, 4, 4), sampler=sampler, nfe=nfe, seed=3, batch_size=7
+    )
+    small = generate(
+        model, sched, range(7), (3, 4, 4), sampler=sampler, nfe=nfe, seed=3, batch_size=2
+    )
     ranks = torch.cat(
         [
-            generate(model, sched, shard_of(7, r, 2), (3, 4, 4), sampler, nfe, seed=3, batch_size=3)
+            generate(
+                model,
+                sched,
+                shard_of(7, r, 2),
+                (3, 4, 4),
+                sampler=sampler,
+                nfe=nfe,
+                seed=3,
+                batch_size=3,
+            )
             for r in range(2)
         ]
     )
     assert one.dtype == torch.uint8 and one.shape == (7, 3, 4, 4)
     assert torch.equal(one, small) and torch.equal(one, ranks)
-    other = generate(model, sched, range(7), (3, 4, 4), sampler, nfe, seed=4, batch_size=7)
+    other = generate(
+        model, sched, range(7), (3, 4, 4), sampler=sampler, nfe=nfe, seed=4, batch_size=7
+    )
     assert not torch.equal(one, other)
+
+
+@pytest.mark.parametrize("sampler, nfe", [("ddpm", 5), ("ddim", 4)])
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_fid_samples_are_the_grid_samplers_images(sampler, nfe, variance):
+    """FID's generator and the grids go through sampling.sample: given the same noise
+    (the samples' own generators), the same sampler and options give the same images."""
+    sched = Schedule.make("linear", 100)
+    model = Halving()
+    fid = generate(
+        model,
+        sched,
+        range(2, 7),
+        (3, 4, 4),
+        sampler=sampler,
+        nfe=nfe,
+        seed=3,
+        batch_size=2,
+        ddpm_variance=variance,
+    )
+    grid = sample(
+        sampler,
+        model,
+        (5, 3, 4, 4),
+        sched,
+        nfe=nfe,
+        generator=sample_generators(3, range(2, 7), "cpu"),
+        ddpm_variance=variance,
+    )
+    assert torch.equal(fid, to_uint8(grid))
 
 
 def test_initial_noise_of_sample_i_is_fixed():
@@ -436,7 +481,7 @@ def test_auto_mode_leaves_a_costly_fid_off_on_cpu_with_one_line(tmp_path, monkey
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     cfg = to_config(compose(["experiment=e9b", "data=digits", "train.total_steps=60"]))
-    batches = make_batches(cfg.data, 4, 0, 0, 1, "cpu")
+    batches = make_batches(cfg.data, 4, 0, rank=0, world_size=1, device="cpu")
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         with mock.patch.object(digits_fd, "ensure_weights", side_effect=AssertionError):
             evaluator, why = build_evaluator(cfg, batches, "cpu", explicit=False)

@@ -54,3 +54,16 @@ def test_peak_flops(monkeypatch):
     assert peak_flops(torch.device("cpu")) is None  # no MFU on CPUs unless told the peak
     monkeypatch.setenv("FASTDIFF_PEAK_TFLOPS", "2.5")
     assert peak_flops(torch.device("cpu")) == 2.5e12
+
+
+@pytest.mark.parametrize(
+    "precision, tf32, expected",
+    [("bf16", True, 989e12), ("fp16", True, 989e12), ("no", True, 494e12), ("no", False, 67e12)],
+)
+def test_peak_flops_is_the_precisions_own(monkeypatch, precision, tf32, expected):
+    """An fp32 run's MFU is against the TF32 peak (cuDNN's default for convolutions) or
+    plain fp32, never the bf16 peak."""
+    monkeypatch.delenv("FASTDIFF_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    assert peak_flops(torch.device("cuda"), precision) == expected

@@ -55,7 +55,8 @@ def test_fused_runs_match_their_standalone_runs(tmp_path, seeds):
     if len(seeds) > 1:
         assert first[names[0][0]] != first[names[2][0]]
     # the card's verdict table is the same from the fused runs as from the standalone ones
-    from fastdiff.report import Run, write_report
+    from fastdiff.report import Run
+    from fastdiff.report.render import write_report
 
     tables = {}
     for kind in ("fused", "alone"):
@@ -104,9 +105,11 @@ def test_a_diverging_run_stops_alone(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(losses(tmp_path / "a"))).all()
 
 
+@pytest.mark.gpu  # where there is one, the runs train on CUDA: the masks are Philox's
 def test_each_run_gets_the_dropout_masks_its_standalone_step_draws(tmp_path):
     """The masks handed to the vmapped pass are the ones the run's own Dropout layers
-    draw in a standalone step (seeded by its dropout stream), layer by layer."""
+    draw in a standalone step (seeded by its dropout stream), layer by layer, on the
+    run's device."""
     from fastdiff.seeding import stream_seed
     from fastdiff.tuning import Dropout
 
@@ -119,15 +122,17 @@ def test_each_run_gets_the_dropout_masks_its_standalone_step_draws(tmp_path):
             for m in tr.module.modules()
             if isinstance(m, Dropout)
         ]
-        x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last) + 10
+        x = torch.randn(4, 3, 8, 8, device=tr.device) + 10
+        x = x.contiguous(memory_format=torch.channels_last)
         torch.manual_seed(stream_seed(tr.cfg.train.seed, "dropout", 7, 0))
         with torch.no_grad():
-            tr.module(x, torch.full((4,), 500))
+            tr.module(x, torch.full((4,), 500, device=tr.device))
         for h in hooks:
             h.remove()
         supplied = runs._draw_masks(tr, 7)
         assert len(drawn) == len(supplied) == 11
         for d, s in zip(drawn, supplied, strict=True):
+            assert s.device == tr.device
             finite = torch.isfinite(d)  # (0/0 where an input is exactly 0)
             torch.testing.assert_close(d[finite], s[finite])
 

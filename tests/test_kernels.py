@@ -5,9 +5,13 @@ in float32 with tiny and odd shapes. bf16/fp16 and speed need a GPU: marked, ski
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
+from fastdiff.diffusion import Schedule
 from fastdiff.kernels import (
     group_norm_silu,
     group_norm_silu_reference,
@@ -18,8 +22,6 @@ from fastdiff.kernels import (
 )
 from fastdiff.kernels.groupnorm_silu import group_norm_silu_fwd_triton
 from fastdiff.kernels.weighted_mse import weighted_mse_fwd_triton
-
-from fastdiff.diffusion import Schedule
 from fastdiff.unet import build_model
 
 # Per-dtype tolerances, in one place (fp32 on the interpreter; half types on a GPU).
@@ -29,6 +31,9 @@ TOL = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
 }
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Where a test launches a kernel itself: the interpreter takes host tensors, the compiled
+# kernels (conftest asks for them where there is a GPU) device ones.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check(actual, expected, dtype, what):
@@ -37,9 +42,35 @@ def check(actual, expected, dtype, what):
     )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels")
 def test_the_interpreter_path_is_what_runs_here():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert use_triton(torch.zeros(1))
+
+
+def test_a_gpu_machine_runs_the_compiled_kernels():
+    """tests/conftest.py asks for the interpreter only where there is no CUDA device."""
+    code = (
+        "import os, torch; torch.cuda.is_available = lambda: True; "
+        "import tests.conftest; print(os.environ.get('TRITON_INTERPRET'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None"]
+
+
+@GPU
+@pytest.mark.gpu
+def test_the_gpu_tests_run_compiled_kernels():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastdiff.kernels.groupnorm_silu import _fwd_apply_kernel
+
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+    assert not isinstance(_fwd_apply_kernel, InterpretedFunction)
 
 
 GN_SHAPES = [
@@ -74,9 +105,10 @@ def test_group_norm_silu_forward_and_backward(B, C, H, W, groups, layout):
 
 
 def test_group_norm_silu_stats_are_per_group():
-    x = torch.zeros(1, 4, 2, 2)
-    x[:, 2:] = 10.0  # group 1 is constant 10: normalised to 0, SiLU(β) out
-    y, mean, rstd = group_norm_silu_fwd_triton(x, torch.ones(4), torch.zeros(4), 2, 1e-5)
+    with torch.device(KERNEL_DEVICE):
+        x = torch.zeros(1, 4, 2, 2)
+        x[:, 2:] = 10.0  # group 1 is constant 10: normalised to 0, SiLU(β) out
+        y, mean, rstd = group_norm_silu_fwd_triton(x, torch.ones(4), torch.zeros(4), 2, 1e-5)
     assert mean.tolist() == [[0.0, 10.0]]
     assert torch.all(y == 0)
 
@@ -92,11 +124,14 @@ MSE_SHAPES = [(1, 3, 4, 4), (5, 3, 7, 9), (2, 3, 32, 32)]  # the last spans seve
 @pytest.mark.parametrize("shape", MSE_SHAPES)
 @pytest.mark.parametrize("weighting", ["uniform", "minsnr"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_weighted_mse_forward_and_backward(shape, weighting, schedule):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_weighted_mse_forward_and_backward(shape, weighting, schedule, layout):
     ac = Schedule.make(schedule, 1000).alphas_cumprod.float()
     B = shape[0]
     t = torch.tensor([0, 999, 1, 500, 250][:B])  # both ends of the schedule: SNR huge / ~0
-    pred, target = torch.randn(shape), torch.randn(shape)
+    pred, target = torch.randn(shape), torch.randn(shape)  # the noise stays NCHW in training
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
     p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
     loss = weighted_mse(p1, target, t, ac, 5.0, weighting)
     ref = weighted_mse_reference(p2, target, t, ac, 5.0, weighting)
@@ -106,15 +141,17 @@ def test_weighted_mse_forward_and_backward(shape, weighting, schedule):
     loss.backward(g)
     ref.backward(g)
     check(p1.grad, p2.grad, torch.float32, "grad")
+    assert p1.grad.stride() == pred.stride()
 
 
 def test_weighted_mse_value_computed_by_hand():
     # ᾱ = 0.8 -> SNR 4 (< γ=5, weight 1); ᾱ = 0.95 -> SNR 19 (weight 5/19).
-    ac = torch.tensor([0.8, 0.95])
-    pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
-    loss = weighted_mse_fwd_triton(
-        pred, torch.zeros_like(pred), torch.tensor([0, 1]), ac, 5.0, "minsnr"
-    )
+    with torch.device(KERNEL_DEVICE):
+        ac = torch.tensor([0.8, 0.95])
+        pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
+        loss = weighted_mse_fwd_triton(
+            pred, torch.zeros_like(pred), torch.tensor([0, 1]), ac, 5.0, "minsnr"
+        )
     assert loss.tolist() == pytest.approx([1.0, 4.0 * 5 / 19], rel=1e-6)
 
 

@@ -13,10 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def modules_in_checkout() -> set[str]:
-    """Every module path the wheel must hold: fastdiff/**, and kernels/ as fastdiff/kernels."""
-    found = {str(p.relative_to(ROOT)) for p in (ROOT / "fastdiff").rglob("*.py")}
-    found |= {f"fastdiff/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
-    return found
+    """Every module path the wheel must hold: fastdiff/**."""
+    return {str(p.relative_to(ROOT)) for p in (ROOT / "fastdiff").rglob("*.py")}
 
 
 @pytest.mark.slow
@@ -27,8 +25,9 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for folder in ("fastdiff", "kernels"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("fastdiff", "configs"):
+        skip = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(ROOT / folder, src / folder, ignore=skip)
     dist = tmp_path / "dist"
     dist.mkdir()
     old = Path.cwd()
@@ -38,7 +37,8 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     finally:
         os.chdir(old)
     names = set(zipfile.ZipFile(wheel).namelist())
-    missing = modules_in_checkout() - names
+    cards = {f"fastdiff/shipped_cards/{p.name}" for p in (ROOT / "configs" / "cards").glob("*")}
+    missing = (modules_in_checkout() | cards) - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -50,6 +50,7 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     code = (
         f"import sys, importlib; sys.path.insert(0, {str(site)!r}); "
         f"mods = {modules!r}; [importlib.import_module(m) for m in mods]; "
+        "from fastdiff.cards import load_card; assert load_card('e9').arms; "
         "import fastdiff; print(fastdiff.__file__)"
     )
     out = subprocess.run(

@@ -23,10 +23,10 @@ from fastdiff.report import (
     fid_band,
     fid_ratio,
     spike_count,
-    write_report,
 )
 from fastdiff.report.criteria import function_params, recall_kept
 from fastdiff.report.plots import paired_ratios
+from fastdiff.report.render import write_report
 from tests.conftest import tiny
 
 E6, E9 = (function_params(load_card(n)) for n in ("e6", "e9"))
@@ -115,7 +115,7 @@ def test_criteria_windows_scale_with_shorter_runs(tmp_path):
     )
     crit = one_seed(curvature_reduction([(base, treat)], **E6["curvature_reduction"]))
     assert crit.status == PASS and "600–1000" in crit.name
-    _, notes = evaluate([base, treat], "e6")
+    _, notes = evaluate([base, treat], load_card("e6"))
     assert any("scaled by 0.1" in n for n in notes)
 
 
@@ -211,7 +211,7 @@ def test_missing_fid_is_not_evaluable_never_passed(tmp_path):
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=12.0)
     assert {one_seed(c).status for c in fid_band([(base, treat)], **E6["fid_band"])} == {NA}
     assert one_seed(fid_ratio([(base, treat)], "final", **E9["fid_ratio"])).status == NA
-    crits, _ = evaluate([base, treat], "e9")
+    crits, _ = evaluate([base, treat], load_card("e9"))
     assert all(c.status != PASS for c in crits if "FID" in c.name)
 
 
@@ -276,7 +276,7 @@ def test_exploding_curvature_by_timestep_band(tmp_path):
     assert calm_crit.status == PASS and calm_crit.estimate == pytest.approx(14 / 5)
     bare = make_run(tmp_path / "d", "e9b", "minsnr", "cosine", traces=flat)
     assert one_seed(exploding_curvature([(base, bare)], **rule, bands=True)).status == NA
-    names = [c.name for c in evaluate([base, wild], "e9")[0]]
+    names = [c.name for c in evaluate([base, wild], load_card("e9"))[0]]
     assert any(n.startswith("no SNR band with exploding curvature") for n in names)
 
 
@@ -285,7 +285,7 @@ def test_unfinished_or_nan_run_fails_completion(tmp_path):
     treat = make_run(
         tmp_path / "b", "e9b", "minsnr", "cosine", losses={5000: 0.1, 10000: float("nan")}
     )
-    crits, _ = evaluate([base, treat], "e9")
+    crits, _ = evaluate([base, treat], load_card("e9"))
     done = [c for c in crits if "completed" in c.name]
     assert [c.status for c in done] == [FAIL, FAIL]
 
@@ -300,7 +300,7 @@ def test_confound_sentence_when_the_verdict_is_only_the_weight(tmp_path):
         mean_weight=0.8,
         unweighted=traces(100.0, 100.0),
     )
-    crits, notes = evaluate([base, treat], "e6")
+    crits, notes = evaluate([base, treat], load_card("e6"))
     by_name = {c.name: one_seed(c).status for c in crits}
     assert by_name["mean curvature/hutch_trace_mean over steps 6000–10000 ≥15% lower"] == PASS
     assert by_name["mean unweighted trace over steps 6000–10000 ≥15% lower"] == FAIL
@@ -530,7 +530,9 @@ def _probe_run(name, weighting, steps):
             "step": s,
             **{
                 f"curvature/hutch_trace_{k}": v
-                for k, v in summarize(torch.as_tensor(m), torch.ones(m.shape[1]), True).items()
+                for k, v in summarize(
+                    torch.as_tensor(m), torch.ones(m.shape[1]), terms=True
+                ).items()
             },
         }
         for s, m in steps.items()
@@ -669,7 +671,7 @@ def test_the_cards_thresholds_are_read_from_the_card_file(tmp_path):
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=12.0)
 
     def final_ratio(card):
-        crits, _ = evaluate([base, treat], card)
+        crits, _ = evaluate([base, treat], load_card(card))
         (crit,) = [c for c in crits if c.name.startswith("final FID within")]
         return crit
 

@@ -40,7 +40,7 @@ def test_a_one_step_chain_calls_the_model_at_T_minus_1(sampler):
     model = Oracle(target, sched.alphas_cumprod)
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[1].tolist()))
-    x = sampler(model, (2, 3, 4, 4), sched, 1, torch.Generator().manual_seed(0))
+    x = sampler(model, (2, 3, 4, 4), sched, 1, generator=torch.Generator().manual_seed(0))
     assert seen == [[999, 999]]
     # the oracle's x̂0 from t = T−1 is the point itself, not the clipped starting noise
     torch.testing.assert_close(x, target.expand(2, -1, -1, -1), atol=1e-3, rtol=0)
@@ -75,7 +75,7 @@ def test_samplers_recover_a_point_mass(sampler, schedule):
     sched = Schedule.make(schedule, 1000)
     target = torch.linspace(-0.8, 0.8, 3 * 4 * 4).view(1, 3, 4, 4)
     model = Oracle(target, sched.alphas_cumprod)
-    x = sampler(model, (5, 3, 4, 4), sched, 25, torch.Generator().manual_seed(0))
+    x = sampler(model, (5, 3, 4, 4), sched, 25, generator=torch.Generator().manual_seed(0))
     assert model.calls == 25
     torch.testing.assert_close(x, target.expand(5, -1, -1, -1), atol=1e-3, rtol=0)
 
@@ -92,21 +92,21 @@ def test_ddim_is_deterministic_and_ddpm_is_not():
             return 0.5 * x
 
     shape = (2, 1, 4, 4)
-    a = sample("ddim", Zero(), shape, sched, 10, torch.Generator().manual_seed(1))
-    b = sample("ddim", Zero(), shape, sched, 10, torch.Generator().manual_seed(1))
+    a = sample("ddim", Zero(), shape, sched, nfe=10, generator=torch.Generator().manual_seed(1))
+    b = sample("ddim", Zero(), shape, sched, nfe=10, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     g = torch.Generator().manual_seed(1)
-    c = ddpm_sample(Zero(), shape, sched, 10, g)
-    d = ddpm_sample(Zero(), shape, sched, 10, g)
+    c = ddpm_sample(Zero(), shape, sched, 10, generator=g)
+    d = ddpm_sample(Zero(), shape, sched, 10, generator=g)
     assert not torch.equal(c, d)
 
 
 def test_unknown_sampler_and_variance_raise():
     sched = Schedule.make("linear", 10)
     with pytest.raises(ValueError, match="sampler"):
-        sample("euler", None, (1, 1, 2, 2), sched, 5, torch.Generator())
+        sample("euler", None, (1, 1, 2, 2), sched, nfe=5, generator=torch.Generator())
     with pytest.raises(ValueError, match="variance"):
-        ddpm_sample(None, (1, 1, 2, 2), sched, 5, torch.Generator(), variance="learned")
+        ddpm_sample(None, (1, 1, 2, 2), sched, 5, generator=torch.Generator(), variance="learned")
 
 
 def test_to_uint8_maps_range_endpoints():
@@ -148,7 +148,7 @@ def test_ddpm_matches_the_gaussian_variance_recursion_at_every_step(schedule):
     sched = Schedule.make(schedule, 1000)
     _, ac = _respaced(sched, nfe)
     model = GaussianOracle(s, sched.alphas_cumprod)
-    out = ddpm_sample(model, (n, 1, 1, 1), sched, nfe, torch.Generator().manual_seed(0))
+    out = ddpm_sample(model, (n, 1, 1, 1), sched, nfe, generator=torch.Generator().manual_seed(0))
     var, expected = 1.0, []
     for i in reversed(range(nfe)):
         expected.append(var)  # the variance of the input at this step
@@ -170,7 +170,7 @@ def test_ddim_follows_its_deterministic_map_at_every_step(schedule):
     sched = Schedule.make(schedule, 1000)
     _, ac = _respaced(sched, nfe)
     model = GaussianOracle(s, sched.alphas_cumprod)
-    out = ddim_sample(model, (64, 1, 1, 1), sched, nfe, torch.Generator().manual_seed(1))
+    out = ddim_sample(model, (64, 1, 1, 1), sched, nfe, generator=torch.Generator().manual_seed(1))
     x_T = model.seen[0].double()
     factor = 1.0
     for step, i in enumerate(reversed(range(nfe))):
@@ -187,8 +187,10 @@ def test_ddim_follows_its_deterministic_map_at_every_step(schedule):
 
 @pytest.mark.parametrize("variance", ["posterior", "beta"])
 def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, variance):
-    """sampling.ddpm_variance reaches the grid's DDPM sampler (and DDIM takes none)."""
+    """sampling.ddpm_variance reaches the grid's DDPM sampler (and DDIM takes none), and
+    FID's generator hands its sampler the same options: one dispatch for both."""
     from fastdiff.config import SamplingConfig
+    from fastdiff.fid import generate
     from fastdiff.jobs import Grids
     from fastdiff.sampling import SAMPLERS
 
@@ -204,7 +206,22 @@ def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, v
     reference = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     for sampler in ("ddpm", "ddim"):
         cfg = SamplingConfig(grid_sampler=sampler, grid_images=4, ddpm_variance=variance)
-        Grids(tmp_path, cfg, schedule, (3, 8, 8), reference)(1, torch.nn.Identity())
+        Grids(tmp_path, cfg, schedule, (3, 8, 8), reference=reference)(1, torch.nn.Identity())
+    assert seen == [{"variance": variance}, {}]
+    seen.clear()
+    model = torch.nn.Linear(1, 1)  # generate reads the device from the parameters
+    for sampler in ("ddpm", "ddim"):
+        generate(
+            model,
+            schedule,
+            range(2),
+            (3, 8, 8),
+            sampler=sampler,
+            nfe=2,
+            seed=0,
+            batch_size=2,
+            ddpm_variance=variance,
+        )
     assert seen == [{"variance": variance}, {}]
 
 

@@ -61,15 +61,15 @@ def test_one_seed_uses_the_within_run_standard_error():
     ],
 )
 def test_three_way_verdict_at_its_boundaries(lo, hi, below, above):
-    iv = Interval((lo + hi) / 2, lo, hi, "seeds (paired t)", [0, 0])
+    iv = Interval((lo + hi) / 2, lo, hi, "seeds (paired t)", values=[0, 0])
     assert verdict(iv, -0.15, pass_below=True) == below
     assert verdict(iv, -0.15, pass_below=False) == above
-    assert verdict(None, -0.15, True) == NA
-    assert verdict(Interval(0, float("nan"), 1, "x"), 0, True) == NA
+    assert verdict(None, -0.15, pass_below=True) == NA
+    assert verdict(Interval(0, float("nan"), 1, "x"), 0, pass_below=True) == NA
 
 
 def test_seeds_needed_counts_from_the_t_quantiles():
-    iv = Interval(1.0, -5, 7, "seeds (paired t)", [0.0, 2.0], sd=1.0)
+    iv = Interval(1.0, -5, 7, "seeds (paired t)", values=[0.0, 2.0], sd=1.0)
     # t_{n-1}/sqrt(n) < 1 first at n = 7 (2.447/2.646 = 0.925; n = 6: 2.571/2.449 = 1.05)
     assert seeds_needed(iv, 0.0) == 7
 

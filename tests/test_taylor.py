@@ -62,7 +62,7 @@ def test_group_norm_rule_with_moving_scale_and_shift():
     torch.manual_seed(1)
     x, g, b = rand_jet(2, 6, 3, 3), rand_jet(6, moving=False), rand_jet(6, moving=False)
     check(
-        group_norm(x, Jet(g.c0, g.c1), Jet(b.c0, b.c1), 3, 1e-5),
+        group_norm(x, Jet(g.c0, g.c1), Jet(b.c0, b.c1), groups=3, eps=1e-5),
         series(lambda a, w, c: F.group_norm(a, 3, w, c, 1e-5), x, g, b),
     )
 
@@ -71,7 +71,7 @@ def test_conv_and_linear_rules():
     torch.manual_seed(2)
     x, w, b = rand_jet(2, 3, 5, 5), rand_jet(4, 3, 3, 3, moving=False), rand_jet(4, moving=False)
     want = series(lambda a, k, c: F.conv2d(a, k, c, 2, 1), x, w, b)
-    check(conv2d(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1), 2, 1), want)
+    check(conv2d(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1), stride=2, padding=1), want)
     x, w, b = rand_jet(5, 3), rand_jet(4, 3, moving=False), rand_jet(4, moving=False)
     check(linear_layer(x, Jet(w.c0, w.c1), Jet(b.c0, b.c1)), series(F.linear, x, w, b))
 
@@ -144,7 +144,7 @@ def test_unet_vhv_equals_double_backward(channels_last):
         expected.append(sum((h * vs[k][i]).sum() for h, k in zip(hv, params)))
 
     detached = {k: p.detach() for k, p in params.items()}
-    got = vmap(lambda v: vhv_taylor(model, detached, v, x_t, t, noise, weight))(vs)
+    got = vmap(lambda v: vhv_taylor(model, detached, v, x_t, t=t, noise=noise, weight=weight))(vs)
     torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-8, atol=1e-8)
 
 
@@ -155,10 +155,12 @@ def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp():
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
     ac = torch.linspace(0.999, 0.01, 1000)
-    args = (x0, torch.tensor([10, 700]), noise, ac, torch.rand(1000) + 0.5, 6, 0)
-    taylor, jvp_ = CurvatureProbe(*args, method="auto"), CurvatureProbe(*args, method="jvp")
+    args = (x0, torch.tensor([10, 700]), noise, ac)
+    kw = {"weights": torch.rand(1000) + 0.5, "probes": 6, "seed": 0}
+    taylor = CurvatureProbe(*args, **kw, method="auto")
+    jvp_ = CurvatureProbe(*args, **kw, method="jvp")
     assert taylor._taylor(model) and not jvp_._taylor(model)
     a, b = taylor.trace(model), jvp_.trace(model)
     torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="curvature.method=jvp"):
-        CurvatureProbe(*args, method="taylor").trace(torch.nn.Linear(2, 2))
+        CurvatureProbe(*args, **kw, method="taylor").trace(torch.nn.Linear(2, 2))

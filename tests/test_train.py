@@ -143,13 +143,25 @@ def test_step_clips_the_gradient_and_reports_its_norm(tmp_path, clip, amp):
     model = trainer.acc.unwrap_model(trainer.model)
     x0 = trainer.batches.batch(0)
     t, noise = step_draws(
-        cfg.train.seed, 0, 0, 1, x0.shape[0], trainer.image_shape, cfg.diffusion.T, trainer.device
+        cfg.train.seed,
+        0,
+        0,
+        1,
+        batch=x0.shape[0],
+        shape=trainer.image_shape,
+        T=cfg.diffusion.T,
+        device=trainer.device,
     )
     ref = copy.deepcopy(model)
     bf16 = trainer.acc.mixed_precision == "bf16"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = eps_loss(
-            ref, x0, t, noise, trainer.objective.alphas_cumprod, trainer.objective.weights
+            ref,
+            x0,
+            t,
+            noise,
+            alphas_cumprod=trainer.objective.alphas_cumprod,
+            weights=trainer.objective.weights,
         ).mean()
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     norm = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()

@@ -65,3 +65,43 @@ def test_the_entry_point_reuses_host_memory_on_cpu_unless_told_not_to(
     calls.clear()
     fastdiff.trainer.Trainer(to_config(compose(args)))
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, "bf16"), (False, True, "bf16"), (False, False, "no")],
+)
+def test_amp_on_cpu_without_get_capabilities(monkeypatch, amx, avx512_bf16, expected):
+    """torch 2.11, the lent GPU machines', has no torch.cpu.get_capabilities."""
+    import torch
+
+    from fastdiff.tuning import amp_precision
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert amp_precision(True, cuda=False) == expected
+
+
+CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.gpu])])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_training_mask_is_what_dropout_applies(device, layout):
+    """fastdiff.fused hands each run the masks its standalone step draws: on CUDA that
+    is F.dropout's Philox mask, from nothing but the generator's state and the layout."""
+    import torch
+
+    from fastdiff.tuning import Dropout, training_mask
+
+    x = torch.randn(4, 32, 8, 8, device=device) + 10  # no zeros: y / x recovers the mask
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(7)
+    y = Dropout(0.1).train()(x)
+    torch.manual_seed(7)
+    mask = training_mask(torch.empty_like(x), 0.1)
+    assert mask.device == x.device and mask.stride() == x.stride()
+    assert 0 < (mask == 0).float().mean() < 0.2
+    torch.testing.assert_close(y, x * mask, rtol=0, atol=0)

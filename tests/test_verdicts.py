@@ -7,8 +7,9 @@ import pytest
 
 from fastdiff import study
 from fastdiff.cards import load_card
-from fastdiff.report import FAIL, INCONCLUSIVE, NA, PASS, evaluate, write_report
+from fastdiff.report import FAIL, INCONCLUSIVE, NA, PASS, evaluate
 from fastdiff.report.criteria import curvature_reduction, fid_ratio, function_params
+from fastdiff.report.render import write_report
 from tests.conftest import tiny
 from tests.test_report import make_run, one_seed
 
@@ -32,7 +33,7 @@ def test_a_stopped_run_is_compared_over_the_steps_both_logged(tmp_path):
     crit = one_seed(curvature_reduction([(base, treat)], **E6["curvature_reduction"]))
     assert crit.estimate == pytest.approx(0.0) and crit.status == FAIL
     assert "stopped at step 7000 of 10000" in crit.detail and "≤ step 7000" in crit.detail
-    _, notes = evaluate([base, treat], "e6")
+    _, notes = evaluate([base, treat], load_card("e6"))
     assert any("stopped at step 7000" in n and "both runs" in n for n in notes)
 
 
@@ -62,7 +63,7 @@ def test_pairs_that_differ_beyond_the_card_are_not_evaluable(tmp_path, key, a, b
     base, treat = _pair(tmp_path, tr, {s: 50.0 for s in STEPS})  # −50%: would pass
     for run, value in ((base, a), (treat, b)):
         run.config.setdefault(key[0], {})[key[1]] = value
-    crits, _ = evaluate([base, treat], "e6")
+    crits, _ = evaluate([base, treat], load_card("e6"))
     assert [c.status for c in crits] == [NA]
     dotted = ".".join(key)
     assert f"{dotted} {a} vs {b}" in crits[0].detail
@@ -79,14 +80,14 @@ def test_only_the_card_varies_in_a_matched_pair(tmp_path):
     base, treat = _pair(tmp_path, tr, {s: 50.0 for s in STEPS})
     for run, kernels in ((base, "torch"), (treat, "triton")):  # implementation only
         run.config["model"] = {"kernels": kernels}
-    crits, _ = evaluate([base, treat], "e6")
+    crits, _ = evaluate([base, treat], load_card("e6"))
     assert one_seed(crits[0]).status == PASS
 
 
 def test_the_e9_report_shows_only_its_card_rows_and_marks_extras(tmp_path):
     base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", traces={s: 10.0 for s in STEPS})
     treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", traces={s: 8.0 for s in STEPS})
-    crits, notes = evaluate([base, treat], "e9")
+    crits, notes = evaluate([base, treat], load_card("e9"))
     names = [c.name for c in crits]
     assert not any("lower" in n for n in names)  # "≥15% lower" is W1-E6's, not e9's
     assert not any("curvature criterion" in n or "confound" in n for n in notes)
@@ -106,7 +107,7 @@ def test_the_e9_report_shows_only_its_card_rows_and_marks_extras(tmp_path):
                 mean_weight=0.8,
             ),
         ],
-        "e6",
+        load_card("e6"),
     )[1]
     # the note names a row the report has: W1-E6's "≥15% lower" criterion
     assert any("curvature criterion (≥15% lower trace) failed" in n for n in e6_notes)
@@ -193,9 +194,9 @@ def test_the_fid_gap_compares_pairs_that_differ_only_in_schedule(tmp_path):
         make_run(tmp_path / "c", "e5", "uniform", "linear", final_fid=10.0),
         make_run(tmp_path / "d", "e6", "minsnr", "linear", final_fid=10.5),
     ]
-    gap = [c for c in evaluate(runs, "e9")[0] if c.name.startswith("FID gap")]
+    gap = [c for c in evaluate(runs, load_card("e9"))[0] if c.name.startswith("FID gap")]
     assert one_seed(gap[0]).status == FAIL  # 1.10× − 1.05× > 0, with no FID error
     for run in runs[2:]:
         run.config["optim"] = {"lr": 1e-3}
-    gap = [c for c in evaluate(runs, "e9")[0] if c.name.startswith("FID gap")]
+    gap = [c for c in evaluate(runs, load_card("e9"))[0] if c.name.startswith("FID gap")]
     assert gap[0].status == NA and "optim.lr 0.001 vs None" in gap[0].detail

@@ -74,7 +74,7 @@ def is_sharded(path: str | None) -> bool:
     return path is not None and (Path(path) / MANIFEST).is_file()
 
 
-def make_batches(data_cfg, batch_size: int, seed: int, rank: int, world_size: int, device):
+def make_batches(data_cfg, batch_size: int, seed: int, *, rank: int, world_size: int, device):
     """The run's batch source: ``batch(step)`` gives float [-1, 1] images on the device."""
     common = dict(rank=rank, world_size=world_size, hflip=data_cfg.hflip, device=device)
     if is_sharded(data_cfg.path):

@@ -70,13 +70,13 @@ class DeviceBatches:
             self.seed,
             step,
             self.rank,
-            self.hflip,
-            self.world_size,
+            hflip=self.hflip,
+            world_size=self.world_size,
         )
 
 
 def to_model_range(
-    images: torch.Tensor, seed: int, step: int, rank: int, hflip: bool, world_size: int = 1
+    images: torch.Tensor, seed: int, step: int, rank: int, *, hflip: bool, world_size: int = 1
 ) -> torch.Tensor:
     """uint8 (B, C, H, W) on the device -> float [-1, 1], with the step's random flips
     (drawn for the global batch and sliced, like the timesteps and noise)."""

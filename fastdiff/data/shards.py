@@ -126,6 +126,7 @@ class ShardStream(IterableDataset):
         batch_size: int,
         seed: int,
         rank: int = 0,
+        *,
         world_size: int = 1,
         shuffle_buffer: int = 2000,
     ):
@@ -229,7 +230,9 @@ class StreamBatches:
         workers: int = 2,
         shuffle_buffer: int = 2000,
     ):
-        self.stream = ShardStream(path, batch_size, seed, rank, world_size, shuffle_buffer)
+        self.stream = ShardStream(
+            path, batch_size, seed, rank, world_size=world_size, shuffle_buffer=shuffle_buffer
+        )
         self.device = torch.device(device)
         self.loader = DataLoader(
             self.stream,
@@ -278,8 +281,8 @@ class StreamBatches:
                 self.seed,
                 step,
                 self.rank,
-                self.hflip,
-                self.world_size,
+                hflip=self.hflip,
+                world_size=self.world_size,
             )
 
     @contextlib.contextmanager

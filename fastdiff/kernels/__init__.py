@@ -33,6 +33,14 @@ def kernels_allowed() -> bool:
     return not _REFERENCE_ONLY.get()
 
 
+def like_fake(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (x's shape) with the strides of ``torch.empty_like(x)``, which is what the ops'
+    fake implementations promise: under torch.compile Inductor asserts the real outputs'
+    strides against the fake's, and a channels_last ``x`` must not come back NCHW."""
+    out = torch.empty_like(x, dtype=t.dtype)
+    return t if t.stride() == out.stride() else out.copy_(t)
+
+
 @contextlib.contextmanager
 def reference_only():
     token = _REFERENCE_ONLY.set(True)
@@ -52,6 +60,7 @@ __all__ = [
     "group_norm_silu",
     "group_norm_silu_reference",
     "kernels_allowed",
+    "like_fake",
     "reference_only",
     "use_triton",
     "weighted_mse",

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from fastdiff.kernels import use_triton
 
+from fastdiff.kernels import like_fake, use_triton
 from fastdiff.tuning import dense_layout
 
 
@@ -286,7 +286,7 @@ def group_norm_silu_bwd_reference(dy, x, weight, bias, groups: int, eps: float):
         dxhat - dxhat.mean(-1, keepdim=True) - xh * (dxhat * xh).mean(-1, keepdim=True)
     )
     return (
-        dx.reshape(x.shape).to(x.dtype),
+        like_fake(dx.reshape(x.shape).to(x.dtype), x),
         (dz * xhat).sum((0, 2, 3)).to(weight.dtype),
         dz.sum((0, 2, 3)).to(bias.dtype),
     )
@@ -300,7 +300,7 @@ def _gn_silu_op(
     if use_triton(x):
         return group_norm_silu_fwd_triton(x, weight, bias, groups, eps)
     mean, rstd = _stats_reference(x, groups, eps)
-    return group_norm_silu_reference(x, weight, bias, groups, eps), mean, rstd
+    return like_fake(group_norm_silu_reference(x, weight, bias, groups, eps), x), mean, rstd
 
 
 @_gn_silu_op.register_fake

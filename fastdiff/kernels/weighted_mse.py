@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastdiff.kernels import use_triton
+
+from fastdiff.kernels import like_fake, use_triton
+from fastdiff.tuning import dense_layout
 
 WEIGHTINGS = {"uniform": 0, "minsnr": 1}
 BLOCK = 1024
@@ -88,8 +90,16 @@ def _bwd_kernel(
 
 # ------------------------------------------------------------------ launchers
 def _flat(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    B = pred.shape[0]
-    return pred.reshape(B, -1).contiguous(), target.reshape(B, -1).contiguous(), pred[0].numel()
+    """pred and target with one dense layout, pred's own where it has one (NCHW or
+    channels_last), and N = C·H·W. In both layouts sample b is the N elements from
+    b·N in memory, and a sample's loss sums them in any order, so the kernels index
+    the storage flat: no copy of the channels_last prediction, and the gradient comes
+    back in its layout, as the fake says."""
+    if not dense_layout(pred):
+        pred = pred.contiguous()
+    channels_last = not pred.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return pred, target.contiguous(memory_format=fmt), pred[0].numel()
 
 
 def weighted_mse_fwd_triton(pred, target, t, alphas_cumprod, gamma: float, weighting: str):
@@ -116,7 +126,7 @@ def weighted_mse_bwd_triton(
 ):
     p, e, N = _flat(pred, target)
     B = p.shape[0]
-    grad = torch.empty_like(p)
+    grad = torch.empty_like(p)  # p's dense layout, which is empty_like(pred)'s for dense pred
     _bwd_kernel[(B, triton.cdiv(N, BLOCK))](
         grad_out.contiguous().float(),
         p,
@@ -129,7 +139,7 @@ def weighted_mse_bwd_triton(
         MINSNR=WEIGHTINGS[weighting] == 1,
         BLOCK=BLOCK,
     )
-    return grad.view_as(pred)
+    return like_fake(grad, pred)
 
 
 # ------------------------------------------------------------------ reference
@@ -146,7 +156,7 @@ def weighted_mse_bwd_reference(grad_out, pred, target, t, alphas_cumprod, gamma,
 
     w = loss_weight(snr(alphas_cumprod.double()[t]), weighting, gamma).float()
     scale = (2 * w * grad_out.float() / pred[0].numel()).view(-1, *([1] * (pred.ndim - 1)))
-    return (scale * (pred.float() - target.float())).to(pred.dtype)
+    return like_fake((scale * (pred.float() - target.float())).to(pred.dtype), pred)
 
 
 # --------------------------------------------------------------- registration

@@ -25,7 +25,6 @@ from fastdiff.report.criteria import (
     recall_kept,
     spike_count,
 )
-from fastdiff.report.render import main, write_report
 from fastdiff.report.runs import Run, group_arms, pairs_of
 from fastdiff.stats import FAIL, INCONCLUSIVE, NA, PASS
 
@@ -46,9 +45,7 @@ __all__ = [
     "fid_ratio",
     "group_arms",
     "loss_pathology",
-    "main",
     "pairs_of",
     "recall_kept",
     "spike_count",
-    "write_report",
 ]

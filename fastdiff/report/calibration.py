@@ -82,12 +82,12 @@ def _config(name: str, weighting: str, schedule: str, seed: int) -> dict:
     }
 
 
-def _run(name, weighting, schedule, seed, rows) -> Run:
+def _run(name, weighting, schedule, seed, *, rows) -> Run:
     summary = {"step": 10_000}
     return Run(Path(f"{name}-{seed}"), _config(name, weighting, schedule, seed), rows, summary)
 
 
-def _probe_rows(traces: np.ndarray, c: np.ndarray, u: np.ndarray, w: np.ndarray, rng) -> list:
+def _probe_rows(traces: np.ndarray, c: np.ndarray, u: np.ndarray, w: np.ndarray, *, rng) -> list:
     """A run's curvature rows: every step's (K, B) terms around its trace."""
     rows = []
     for step, trace in zip(STEPS, traces):
@@ -119,12 +119,12 @@ def curvature_study(rng, seeds: list[int], change: np.ndarray, path_sd: float = 
         u = 0.3 * rng.standard_normal(K)
         w_b = 0.3 * rng.standard_normal(B)
         w_t = 0.8 * w_b + 0.6 * 0.3 * rng.standard_normal(B)
-        rows_b = _probe_rows(base, np.ones(B), u, w_b, rng)
-        rows_t = _probe_rows(treat, strata, u, w_t, rng)
+        rows_b = _probe_rows(base, np.ones(B), u, w_b, rng=rng)
+        rows_t = _probe_rows(treat, strata, u, w_t, rng=rng)
         pairs.append(
             (
-                _run("vanilla", "uniform", "linear", seed, rows_b),
-                _run("min-snr", "minsnr", "linear", seed, rows_t),
+                _run("vanilla", "uniform", "linear", seed, rows=rows_b),
+                _run("min-snr", "minsnr", "linear", seed, rows=rows_t),
             )
         )
         truths.append((base, treat))
@@ -153,17 +153,25 @@ def spike_study(rng, seeds: list[int]):
         pairs.append(
             (
                 _run(
-                    "vanilla", "uniform", "linear", seed, _probe_rows(base, np.ones(B), u, w, rng)
+                    "vanilla",
+                    "uniform",
+                    "linear",
+                    seed,
+                    rows=_probe_rows(base, np.ones(B), u, w, rng=rng),
                 ),
                 _run(
-                    "min-snr", "minsnr", "linear", seed, _probe_rows(treat, np.ones(B), u, w, rng)
+                    "min-snr",
+                    "minsnr",
+                    "linear",
+                    seed,
+                    rows=_probe_rows(treat, np.ones(B), u, w, rng=rng),
                 ),
             )
         )
     return pairs, [None] * len(seeds)
 
 
-def fid_pair(rng, seed: int, theta: float, schedule: str, names=("vanilla-cos", "min-snr-cos")):
+def fid_pair(rng, seed: int, theta: float, schedule: str, *, names=("vanilla-cos", "min-snr-cos")):
     """A pair of finished runs with final FIDs, and the seed's noise-free ratio."""
     fb = 30 * math.exp(0.05 * rng.standard_normal())
     ratio = 1 + theta + 0.05 * rng.standard_normal()
@@ -171,7 +179,7 @@ def fid_pair(rng, seed: int, theta: float, schedule: str, names=("vanilla-cos", 
     for name, weighting, f in ((names[0], "uniform", fb), (names[1], "minsnr", fb * ratio)):
         se = 0.02 * f
         row = {"step": 10_000, FID_FINAL: f + se * rng.standard_normal(), FID_FINAL + "_se": se}
-        runs.append(_run(name, weighting, schedule, seed, [row]))
+        runs.append(_run(name, weighting, schedule, seed, rows=[row]))
     return tuple(runs), ratio
 
 
@@ -181,7 +189,7 @@ def fid_study(rng, seeds, theta: float):
 
 
 def gap_study(rng, seeds, theta_linear: float, theta_cosine: float):
-    lin = [fid_pair(rng, s, theta_linear, "linear", ("vanilla", "min-snr")) for s in seeds]
+    lin = [fid_pair(rng, s, theta_linear, "linear", names=("vanilla", "min-snr")) for s in seeds]
     cos = [fid_pair(rng, s, theta_cosine, "cosine") for s in seeds]
     truths = [rc - rl for (_, rl), (_, rc) in zip(lin, cos)]
     return ([p for p, _ in lin], [p for p, _ in cos]), truths
@@ -202,7 +210,7 @@ def loss_study(rng, seeds, theta: float):
                 {"step": int(s), "train/mse_unweighted": m * (1 + 0.02 * rng.standard_normal())}
                 for s in steps
             ]
-            runs.append(_run(name, weighting, "cosine", seed, rows))
+            runs.append(_run(name, weighting, "cosine", seed, rows=rows))
         pairs.append(tuple(runs))
         truths.append(ratio)
     return pairs, truths
@@ -247,7 +255,7 @@ def _worst_ratio(peak: float) -> Callable:
     return draw
 
 
-def _fid(theta: float, as_change: bool) -> Callable:
+def _fid(theta: float, *, as_change: bool) -> Callable:
     def draw(rng, seeds):
         pairs, ratios = fid_study(rng, seeds, theta)
         return pairs, [r - 1 if as_change else r for r in ratios]
@@ -284,11 +292,11 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "e6 trace ≥15% lower",
             name,
-            truth,
-            True,
-            -red["threshold"],
-            _trace_change(truth),
-            reduction,
+            truth=truth,
+            pass_below=True,
+            threshold=-red["threshold"],
+            draw=_trace_change(truth),
+            judge=reduction,
         )
         for name, truth in (
             ("no difference", 0.0),
@@ -297,37 +305,61 @@ def scenarios() -> list[Scenario]:
         )
     ]
     out += [
-        Scenario("e6 FID ≤ +10%", name, t, True, fb["max_increase"], _fid(t, True), worse)
+        Scenario(
+            "e6 FID ≤ +10%",
+            name,
+            truth=t,
+            pass_below=True,
+            threshold=fb["max_increase"],
+            draw=_fid(t, as_change=True),
+            judge=worse,
+        )
         for name, t in (("no difference", 0.0), ("truth at +10%", 0.10), ("real effect +25%", 0.25))
     ]
     out += [
-        Scenario("e6 FID improved ≥5%", name, t, True, -fb["improved"], _fid(t, True), improved)
+        Scenario(
+            "e6 FID improved ≥5%",
+            name,
+            truth=t,
+            pass_below=True,
+            threshold=-fb["improved"],
+            draw=_fid(t, as_change=True),
+            judge=improved,
+        )
         for name, t in (("no difference", 0.0), ("truth at −5%", -0.05))
     ]
     out += [
-        Scenario("e9 final FID ≤ 1.3×", name, 1 + t, True, fr["band"], _fid(t, False), ratio)
+        Scenario(
+            "e9 final FID ≤ 1.3×",
+            name,
+            truth=1 + t,
+            pass_below=True,
+            threshold=fr["band"],
+            draw=_fid(t, as_change=False),
+            judge=ratio,
+        )
         for name, t in (("no difference", 0.0), ("truth at 1.3×", 0.3), ("real effect 1.6×", 0.6))
     ]
     out += [
         Scenario(
             "e9 FID gap persists",
             "no gap",
-            0.0,
-            True,
-            0.0,
-            lambda rng, seeds: gap_study(rng, seeds, 0.1, 0.1),
-            lambda pairs: fid_gap_persists(*pairs),
+            truth=0.0,
+            pass_below=True,
+            threshold=0.0,
+            draw=lambda rng, seeds: gap_study(rng, seeds, 0.1, 0.1),
+            judge=lambda pairs: fid_gap_persists(*pairs),
         )
     ]
     out += [
         Scenario(
             "e9 worst step < 3×",
             name,
-            peak,
-            True,
-            ex["factor"],
-            _worst_ratio(peak),
-            lambda pairs: exploding_curvature(pairs, **ex),
+            truth=peak,
+            pass_below=True,
+            threshold=ex["factor"],
+            draw=_worst_ratio(peak),
+            judge=lambda pairs: exploding_curvature(pairs, **ex),
         )
         for name, peak in (("Min-SNR weights, no change", 1.0), ("one step at 3×", 3.0))
     ]
@@ -335,11 +367,11 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "e9 loss < 2× vanilla's",
             name,
-            t,
-            True,
-            lp["factor"],
-            lambda rng, seeds, t=t: loss_study(rng, seeds, t),
-            lambda pairs: loss_pathology(pairs, **lp),
+            truth=t,
+            pass_below=True,
+            threshold=lp["factor"],
+            draw=lambda rng, seeds, t=t: loss_study(rng, seeds, t),
+            judge=lambda pairs: loss_pathology(pairs, **lp),
         )
         for name, t in (("no difference", 1.0), ("truth at 2×", 2.0))
     ]
@@ -348,11 +380,11 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "e6 fewer spikes",
             "no difference",
-            _expected_spike_difference(),
-            True,
-            -0.5,
-            spike_study,
-            lambda pairs: spike_count(pairs, **sc, reps=200),
+            truth=_expected_spike_difference(),
+            pass_below=True,
+            threshold=-0.5,
+            draw=spike_study,
+            judge=lambda pairs: spike_count(pairs, **sc, reps=200),
         )
     ]
     return out

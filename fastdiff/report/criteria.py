@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fastdiff.errors import ConfigError
 from fastdiff.report.runs import (
     CARD_SEED,
     CARD_STEPS,
@@ -166,7 +167,7 @@ def paired_steps(
 
 
 def _window_steps(
-    run: Run, key: str, lo: float, hi: float, only: set[float] | None = None
+    run: Run, key: str, lo: float, hi: float, *, only: set[float] | None = None
 ) -> list[WindowTrace]:
     """The probe steps of ``key`` in [lo, hi] (and in ``only``), in step order."""
     at = step_traces(run, key)
@@ -179,7 +180,7 @@ def common_steps(base: Run, treat: Run, key: str, base_key: str | None = None) -
     return set(step_traces(base, base_key or key)) & set(step_traces(treat, key))
 
 
-def over_common(base: Run, treat: Run, steps: set[float], lo: float, hi: float) -> str:
+def over_common(base: Run, treat: Run, steps: set[float], *, lo: float, hi: float) -> str:
     """A note when the comparison covers less of [lo, hi] than a finished pair would."""
     if base.finished and treat.finished:
         return ""
@@ -190,7 +191,7 @@ def over_common(base: Run, treat: Run, steps: set[float], lo: float, hi: float) 
 
 
 def window_mean(
-    run: Run, key: str, lo: float, hi: float, only: set[float] | None = None
+    run: Run, key: str, lo: float, hi: float, *, only: set[float] | None = None
 ) -> WindowTrace | None:
     """Mean of ``key`` over steps [lo, hi], its standard error and its terms (None if
     the run has no value in the window).
@@ -200,7 +201,7 @@ def window_mean(
     steps' (what it is when the errors move together, and an upper bound whatever they
     do), not theirs ÷ √n. Every part is a mean over the steps, and is None unless every
     step in the window has it (the terms also of one length)."""
-    inside = _window_steps(run, key, lo, hi, only)
+    inside = _window_steps(run, key, lo, hi, only=only)
     if not inside:
         return None
 
@@ -278,7 +279,7 @@ def paired_se(t: WindowTrace, b: WindowTrace) -> tuple[float, float | None] | No
     return float(np.sqrt(sum(variances))), welch_df(variances, dfs)
 
 
-def trace_measure(t: WindowTrace, b: WindowTrace, value: float, detail: str, ratio=False):
+def trace_measure(t: WindowTrace, b: WindowTrace, value: float, detail: str, *, ratio=False):
     """A comparison of two runs' curvature (``value``, their relative change or ratio)
     with its standard error: paired over the shared probe terms where both runs logged
     them, else the per-run errors taken as independent."""
@@ -344,12 +345,12 @@ def judge(
         f"seed {seed0}'s runs measured {fmt(iv0.estimate)} [{fmt(iv0.lo)}, {fmt(iv0.hi)}] "
         f"({iv0.method}: their measurement error, not the seed-to-seed spread); {m0.detail}",
         figure,
-        iv0.estimate,
-        (iv0.lo, iv0.hi),
-        threshold,
-        iv0.method,
-        [seed0],
-        [m0.value],
+        estimate=iv0.estimate,
+        interval=(iv0.lo, iv0.hi),
+        threshold=threshold,
+        method=iv0.method,
+        seeds=[seed0],
+        values=[m0.value],
         origin=origin,
     )
     if pair.status == INCONCLUSIVE:
@@ -366,12 +367,12 @@ def judge(
             "not known yet, so one seed pair cannot tell them apart from training noise "
             f"(run the study with --seeds 3){left_out}",
             figure,
-            m0.value,
-            None,
-            threshold,
-            "arms: one seed, spread unknown",
-            [seed0],
-            [m0.value],
+            estimate=m0.value,
+            interval=None,
+            threshold=threshold,
+            method="arms: one seed, spread unknown",
+            seeds=[seed0],
+            values=[m0.value],
             origin=origin,
             pair=pair,
         )
@@ -388,13 +389,13 @@ def judge(
         status,
         text,
         figure,
-        iv.estimate,
-        (iv.lo, iv.hi),
-        threshold,
-        iv.method,
-        [seed for seed, _ in have],
-        [m.value for _, m in have],
-        need,
+        estimate=iv.estimate,
+        interval=(iv.lo, iv.hi),
+        threshold=threshold,
+        method=iv.method,
+        seeds=[seed for seed, _ in have],
+        values=[m.value for _, m in have],
+        seeds_needed=need,
         origin=origin,
         pair=pair,
     )
@@ -405,6 +406,7 @@ def curvature_reduction(
     lo: float,
     hi: float,
     threshold: float,
+    *,
     key: str = TRACE,
     divide_by_mean_weight: bool = False,
     base_key: str | None = None,
@@ -418,7 +420,7 @@ def curvature_reduction(
         steps = common_steps(base, treat, key, base_key)
         means = []
         for run, k in ((base, base_key or key), (treat, key)):
-            m = window_mean(run, k, lo_s, hi_s, steps)
+            m = window_mean(run, k, lo_s, hi_s, only=steps)
             if m is None:
                 return None
             if divide_by_mean_weight:
@@ -426,7 +428,7 @@ def curvature_reduction(
             means.append(m)
         b, t = means
         detail = f"{treat.name} {t.mean:.4g} vs {base.name} {b.mean:.4g}"
-        detail += over_common(base, treat, steps, lo_s, hi_s)
+        detail += over_common(base, treat, steps, lo=lo_s, hi=hi_s)
         return trace_measure(t, b, relative_change(t.mean, b.mean), detail)
 
     what = "unweighted trace" if key == TRACE_UNW else key
@@ -466,7 +468,7 @@ def count_variance(above: np.ndarray) -> float:
 
 
 def resampled_counts(
-    base: list[WindowTrace], treat: list[WindowTrace], factor: float, reps: int, seed: int = 0
+    base: list[WindowTrace], treat: list[WindowTrace], factor: float, reps: int, *, seed: int = 0
 ) -> tuple[np.ndarray, str] | None:
     """The spike-count difference nt − nb re-measured ``reps`` times, its limit
     (``factor`` × the baseline's median) re-derived each time, with how.
@@ -515,7 +517,7 @@ def _sizes(above: np.ndarray) -> str:
 
 
 def spike_count(
-    pairs: list[Pair], lo: float, hi: float, factor: float, reps: int = 2000
+    pairs: list[Pair], lo: float, hi: float, factor: float, *, reps: int = 2000
 ) -> Criterion:
     """W1-E6: fewer points above ``factor`` × the baseline's median trace in [lo, hi]:
     the difference of the counts. Its one-seed standard error has two parts: the
@@ -527,8 +529,8 @@ def spike_count(
 
     def measure(base: Run, treat: Run):
         steps = common_steps(base, treat, TRACE)
-        b = _window_steps(base, TRACE, lo_s, hi_s, steps)
-        t = _window_steps(treat, TRACE, lo_s, hi_s, steps)
+        b = _window_steps(base, TRACE, lo_s, hi_s, only=steps)
+        t = _window_steps(treat, TRACE, lo_s, hi_s, only=steps)
         if not b or not t:
             return None
         vb, vt = np.array([w.mean for w in b]), np.array([w.mean for w in t])
@@ -545,7 +547,7 @@ def spike_count(
             diffs, how = remeasured
             var += float(diffs.var())
             detail += f"; {how}"
-        detail += over_common(base, treat, steps, lo_s, hi_s)
+        detail += over_common(base, treat, steps, lo=lo_s, hi=hi_s)
         return Measure(nt - nb, float(np.sqrt(var)), detail)
 
     return judge(
@@ -859,7 +861,7 @@ def loss_pathology(pairs: list[Pair], factor: float) -> Criterion:
             short = [r for r in (base, treat) if not r.finished]
             return f"{short[0].stopped_at()}, before the last quarter" if short else None
         detail = f"{treat.name} {t[0]:.4g} vs {base.name} {b[0]:.4g}"
-        detail += over_common(base, treat, steps, 0.75 * base.total_steps, base.total_steps)
+        detail += over_common(base, treat, steps, lo=0.75 * base.total_steps, hi=base.total_steps)
         m = ratio_measure(t[:2], b[:2], detail)
         if m.se is not None:  # each window's SE comes from its few log steps: Student t
             parts = [(x[1] / x[0]) ** 2 for x in (t, b)]
@@ -987,8 +989,6 @@ class Kind:
     optional: tuple[str, ...] = ()
 
     def check(self, params: dict, where: str) -> None:
-        from fastdiff.errors import ConfigError
-
         missing = [k for k in self.required if k not in params]
         unknown = [k for k in params if k not in self.required + self.optional]
         if missing or unknown:
@@ -1118,14 +1118,12 @@ def arms_of(runs: list[Run], card) -> tuple[dict[str, list[Run]], list[Run]]:
 
 
 def evaluate(runs: list[Run], card) -> tuple[list[Criterion], list[str]]:
-    """Every criterion of ``card`` (a Card, or a card's name or path) for each treatment
-    arm against the baseline, on the pairs of runs that share a seed."""
-    from fastdiff.cards import Card, load_card
-
+    """Every criterion of ``card`` (a :class:`fastdiff.cards.Card`; None: each run's
+    completion only) for each treatment arm against the baseline, on the pairs of runs
+    that share a seed."""
     notes: list[str] = []
     if card is None:
         return [completed(r) for r in runs], notes
-    card = card if isinstance(card, Card) else load_card(card)
     arms, _ = arms_of(runs, card)
     base_runs = {r.seed: r for r in arms[card.baseline]}
     k = len(card.treatments)

@@ -6,7 +6,7 @@ import base64
 import json
 from pathlib import Path
 
-from fastdiff.cards import load_card
+from fastdiff.cards import detect_card, load_card
 from fastdiff.errors import ConfigError, Parser, fail
 from fastdiff.report.criteria import (
     EXTRA,
@@ -20,7 +20,6 @@ from fastdiff.report.runs import (
     FID_FINAL,
     TRACE,
     Run,
-    detect_card,
     differing,
     flatten,
 )

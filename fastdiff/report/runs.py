@@ -187,18 +187,6 @@ class Run:
 Pair = tuple[Run, Run]  # (vanilla, Min-SNR) runs of one seed
 
 
-def detect_card(runs: list[Run]):
-    """The shipped card every one of whose arms has runs here (None: no such card)."""
-    from fastdiff.cards import load_card, shipped
-
-    for path in shipped():
-        card = load_card(path)
-        found = {card.arm_of(r.config) for r in runs}
-        if set(card.arms) <= found:
-            return card
-    return None
-
-
 def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs by arm (config without seed), each arm's runs sorted by seed."""
     arms: dict[str, list[Run]] = {}

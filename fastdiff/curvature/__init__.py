@@ -46,6 +46,7 @@ def hutchinson_trace(
     params: dict[str, torch.Tensor],
     probes: int,
     generator: torch.Generator,
+    *,
     chunk_size: int | None = None,
     vhv_fn=None,
 ) -> TraceEstimate:
@@ -185,7 +186,7 @@ class CurvatureProbe:
             return self._chunk_size
         return 8 if taylor else 4
 
-    def _hutchinson(self, model, taylor: bool, loss_fn=None, vhv_fn=None) -> torch.Tensor:
+    def _hutchinson(self, model, *, taylor: bool, loss_fn=None, vhv_fn=None) -> torch.Tensor:
         """The probe values of ``vhv_fn`` (Taylor) or of ``loss_fn``'s jvp(grad)."""
         generator = stream_generator(self.seed, "probe-vectors", device=self.x_t.device)
         return hutchinson_trace(
@@ -193,8 +194,8 @@ class CurvatureProbe:
             dict(model.named_parameters()),
             self.probes,
             generator,
-            self.chunk_size(taylor),
-            vhv_fn,
+            chunk_size=self.chunk_size(taylor),
+            vhv_fn=vhv_fn,
         ).values
 
     @contextmanager
@@ -218,7 +219,7 @@ class CurvatureProbe:
         with self._exact(model):
             if self._taylor(model):
                 fn = partial(vhv_taylor_per_sample, model, x_t=self.x_t, t=self.t, noise=self.noise)
-                return self._hutchinson(model, True, vhv_fn=fn)
+                return self._hutchinson(model, taylor=True, vhv_fn=fn)
             one = torch.ones(1, device=self.x_t.device)
             columns = []
             for b in range(len(self.t)):
@@ -229,7 +230,7 @@ class CurvatureProbe:
                     x_t, t, noise = self.x_t[rows], self.t[rows], self.noise[rows]
                     return Objective.of_noised(lambda *a: f(a), x_t, t, noise, one).mean()
 
-                columns.append(self._hutchinson(model, False, loss_fn=loss_fn))
+                columns.append(self._hutchinson(model, taylor=False, loss_fn=loss_fn))
             return torch.stack(columns, 1)
 
     def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
@@ -240,7 +241,7 @@ class CurvatureProbe:
                 fn = partial(
                     vhv_taylor, model, x_t=self.x_t, t=self.t, noise=self.noise, weight=weight
                 )
-                values = self._hutchinson(model, True, vhv_fn=fn)
+                values = self._hutchinson(model, taylor=True, vhv_fn=fn)
             else:
 
                 def loss_fn(params):
@@ -248,7 +249,7 @@ class CurvatureProbe:
                     x_t, t, noise = self.x_t, self.t, self.noise
                     return Objective.of_noised(lambda *a: f(a), x_t, t, noise, weight).mean()
 
-                values = self._hutchinson(model, False, loss_fn=loss_fn)
+                values = self._hutchinson(model, taylor=False, loss_fn=loss_fn)
         std = values.std().item() if len(values) > 1 else 0.0
         return TraceEstimate(values, values.mean().item(), std, std / len(values) ** 0.5)
 
@@ -314,11 +315,11 @@ class RunProbes:
             t.to(device),
             noise.to(device),
             objective.alphas_cumprod,
-            objective.weights,
-            c.probes,
-            seed,
-            c.chunk_size,
-            c.method,
+            weights=objective.weights,
+            probes=c.probes,
+            seed=seed,
+            chunk_size=c.chunk_size,
+            method=c.method,
         )
         self.unweighted = cfg.loss.weighting != "uniform"
         which = self.main.t * max(c.t_bins, 1) // T
@@ -345,9 +346,3 @@ class RunProbes:
 
 def _named(stats: dict[str, float], pattern: str) -> dict[str, float]:
     return {pattern.format(k): v for k, v in stats.items()}
-
-
-if __name__ == "__main__":  # python -m fastdiff.curvature; the command is in curvature_cli
-    from fastdiff.curvature_cli import main
-
-    raise SystemExit(main())
