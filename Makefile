@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install --constraint constraints.txt
 STAMP   := $(VENV)/.installed
 
-.PHONY: quickstart test lint bench bench-baseline bench-check gpu-check device-bundle install clean
+.PHONY: quickstart test lint bench bench-baseline bench-check gpu-check device-bundle install clean dist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,11 @@ gpu-check: $(STAMP)
 # .deps for device-run.sh (carry .deps; docs/performance.md, "On a lent GPU").
 device-bundle: $(STAMP)
 	$(BIN)/python -m benches.device bundle --out .deps
+
+# The sdist and the wheel (into dist/), with the project's pinned setuptools; the wheel
+# test (tests/test_package.py) holds it to the checkout.
+dist: $(STAMP)
+	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist'); b.build_wheel('dist')"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
