@@ -29,10 +29,10 @@ from fastdiff.errors import ConfigError
 from fastdiff.report.criteria import KINDS
 from fastdiff.report.runs import NOT_COMPARED, flatten
 
-# The shipped cards: configs/cards in a checkout, fastdiff/shipped_cards in a wheel.
+# The shipped cards: configs/cards in a checkout, fastdiff/shipped_configs/cards in a wheel.
 CARD_DIRS = [
     Path(__file__).resolve().parent.parent / "configs" / "cards",
-    Path(__file__).resolve().parent / "shipped_cards",
+    Path(__file__).resolve().parent / "shipped_configs" / "cards",
 ]
 SOURCES = ("card", "rule")
 

@@ -273,6 +273,8 @@ EXPERIMENTS: dict[str, tuple[str, dict]] = {
 }
 
 # Where each experiment lives as YAML (the paths the cards name).
+# configs/ as an installed wheel holds it (pyproject: fastdiff.shipped_configs)
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "shipped_configs"
 EXPERIMENT_FILES = {
     "quickstart": "configs/quickstart.yaml",
     "e1": "configs/study/MS1_min_snr/e1/e1_baseline_linear_10k.yaml",
@@ -351,6 +353,9 @@ def dotted(node: dict, prefix: str = ""):
 def overrides_from_yaml(path: str | Path) -> list[str]:
     """An experiment YAML file -> Hydra overrides (group choices + dotted keys)."""
     path = Path(path)
+    shipped = SHIPPED_CONFIGS / Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else None
+    if not path.is_file() and shipped is not None and shipped.is_file():
+        path = shipped  # the cards' paths, from an installed wheel (outside a checkout)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing YAML file to --config")
     try:

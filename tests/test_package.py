@@ -37,8 +37,11 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     finally:
         os.chdir(old)
     names = set(zipfile.ZipFile(wheel).namelist())
-    cards = {f"fastdiff/shipped_cards/{p.name}" for p in (ROOT / "configs" / "cards").glob("*")}
-    missing = (modules_in_checkout() | cards) - names
+    configs = {
+        f"fastdiff/shipped_configs/{p.relative_to(ROOT / 'configs')}"
+        for p in (ROOT / "configs").rglob("*.yaml")
+    }
+    missing = (modules_in_checkout() | configs) - names
     assert not missing, f"not in the wheel: {sorted(missing)}"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -58,3 +61,37 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(site))
+    # From an empty folder, as a user of the installed wheel: the cards, an experiment's
+    # config, a --config path at a card's path, and a short run.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    e9_yaml = "configs/study/MS1_min_snr/e9/e9b_minsnr_cosine_gamma5_10k.yaml"
+    for argv, says in (
+        (["-m", "fastdiff.cli", "cards"], "e10-gamma"),
+        (["-m", "fastdiff.train", "e9b", "--cfg", "job"], "weighting: minsnr"),
+        (["-m", "fastdiff.train", "--config", e9_yaml, "--cfg", "job"], "beta_schedule: cosine"),
+        (["-m", "fastdiff.cli", "train", "quickstart", *TINY], "done"),
+    ):
+        run = subprocess.run(
+            [sys.executable, *argv],
+            capture_output=True,
+            text=True,
+            cwd=empty,
+            env=env,
+            timeout=300,
+        )
+        assert run.returncode == 0, (argv, run.stderr[-2000:])
+        assert says in run.stdout + run.stderr, argv
+
+
+TINY = [
+    "model.base_channels=16",
+    "data.image_size=8",
+    "train.total_steps=2",
+    "train.log_every=1",
+    "train.progress=false",
+    "sampling.grid_images=4",
+    "sampling.grid_nfe=2",
+    "eval.fid.enabled=false",
+]
