@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 
+from fastdiff import errors
 from fastdiff.errors import fail, guarded
 
 # name: (module with main(argv), one line of what it does, one real invocation)
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return env()
     if name == "config":
         return config(rest)
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    errors.PROG = f"fastdiff {name}"
+    try:
+        return importlib.import_module(COMMANDS[name][0]).main(rest)
+    finally:
+        errors.PROG = None
 
 
 if __name__ == "__main__":

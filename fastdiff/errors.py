@@ -37,9 +37,19 @@ def guarded(main: Callable[[], int]) -> int:
         return fail(str(err))
 
 
+# Set by the `fastdiff` command to "fastdiff SUBCOMMAND": help and errors then name the
+# command the user typed, not the module behind it.
+PROG: str | None = None
+
+
 class Parser(argparse.ArgumentParser):
     """argparse for every entry point, whose bad input is one line like every other
     error (argparse's own prints the usage too, then the error)."""
+
+    def __init__(self, *args, **kwargs):
+        if PROG is not None:
+            kwargs["prog"] = PROG
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         print(f"fastdiff: error: {message} (see {self.prog} --help)", file=sys.stderr)

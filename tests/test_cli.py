@@ -34,6 +34,15 @@ def test_bad_input_is_one_line_on_stderr(name, capsys):
     assert "Traceback" not in out + err
 
 
+def test_a_subcommands_help_names_the_command_typed(capsys, monkeypatch):
+    from fastdiff import errors
+
+    monkeypatch.setattr(errors, "PROG", None)
+    with pytest.raises(SystemExit):
+        cli.main(["study", "--help"])
+    assert capsys.readouterr().out.startswith("usage: fastdiff study")
+
+
 def test_no_command_prints_the_commands_and_fails(capsys):
     assert cli.main([]) == 2
     assert "fastdiff study e9" in capsys.readouterr().out
