@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return 0 if argv else 2
+        return 0 if argv else fail("no command given: see the list above")
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         return fail(f"unknown command {name!r}: use one of {', '.join(COMMANDS)} (fastdiff --help)")

@@ -29,6 +29,8 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +38,8 @@ from pathlib import Path
 from fastdiff.cards import load_card
 from fastdiff.config import compose, to_config
 from fastdiff.errors import ConfigError, Parser, fail
-from fastdiff.report.runs import CARD_SEED  # the cards' seed; --seeds N adds 2077, 3077, ...
+from fastdiff.report.runs import CARD_SEED
+from fastdiff.stopping import EXIT_PREEMPTED  # the cards' seed; --seeds N adds 2077, 3077, ...
 
 RECORD = "study.json"
 CARD_COPY = "card.yaml"  # the card as the study ran it: the report reads this copy
@@ -96,16 +99,31 @@ def claim(root: Path, card: str, overrides: list[str]) -> None:
 
 def run_logged(cmd: list[str], log: Path) -> int:
     """Run ``cmd``, its output to the terminal and to ``log`` as it comes (progress bars
-    included: bytes, not lines)."""
+    included: bytes, not lines). Ctrl-C reaches the run too (one process group): the
+    study keeps reading until the run has checkpointed and exited, so its last lines are
+    logged; a second Ctrl-C is passed on, which ends the run at once."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        out = sys.stdout.buffer
-        while chunk := os.read(proc.stdout.fileno(), 65536):
+        out, interrupts = sys.stdout.buffer, 0
+        while True:
+            try:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts > 1:
+                    proc.send_signal(signal.SIGINT)
+                continue
+            if not chunk:
+                break
             out.write(chunk)
             out.flush()
             f.write(chunk)
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             "the study sets train.seed, train.run_dir and train.resume itself: use --seeds "
             "and --out"
         )
+    launch = shlex.split(args.launch)
+    if not launch or shutil.which(launch[0]) is None:
+        return fail(f"--launch {args.launch!r}: {launch[0] if launch else ''} is not a program")
     root = args.out or study_dir(card.name, args.overrides)
     try:  # check every arm's config, and the folder, before any training
         clash = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") in card.varied]
@@ -190,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print("$", shlex.join(cmd), flush=True)
             log = root / "logs" / f"{arm}-seed{seed}.log"
-            if run_logged(cmd, log) != 0:
+            code = run_logged(cmd, log)
+            if code == EXIT_PREEMPTED:
+                print(
+                    f"fastdiff: study stopped by a signal during {arm} seed {seed} (log: {log}): "
+                    "run the same command again to resume",
+                    file=sys.stderr,
+                )
+                return EXIT_PREEMPTED
+            if code != 0:
                 failed.append(f"{arm} seed {seed} (log: {log})")
     from fastdiff.report import Run
     from fastdiff.report.render import write_report

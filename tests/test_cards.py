@@ -110,3 +110,36 @@ def test_no_card_names_in_the_report_or_study_code():
         cwd=ROOT,
     )
     assert out.stdout == ""
+
+
+def test_arms_sharing_an_experiment_are_named_by_the_card(tmp_path):
+    def edit(node):
+        node["arms"]["g1"] = ["experiment=e9b", "loss.minsnr_gamma=1"]
+        node["criteria"] = [{"kind": "completed"}, {"kind": "loss_ratio", "factor": 2.0}]
+
+    path = _card(tmp_path, edit)
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine")
+    g5 = make_run(tmp_path / "b", "e9b", "minsnr", "cosine")
+    g1 = make_run(tmp_path / "c", "e9b", "minsnr", "cosine")
+    g1.config["loss"]["minsnr_gamma"] = 1.0
+    crits, _ = evaluate([base, g5, g1], load_card(path))
+    done = sorted(c.name.split(" ")[0] for c in crits if "completed" in c.name)
+    assert done == ["e9a", "e9b", "g1"]  # every arm's run, under the card's arm name
+    (loss,) = [c for c in crits if c.name.startswith("no loss") and c.name.endswith("g1")]
+    assert "g1 " in loss.pair.detail and "e9b" not in loss.pair.detail
+
+
+def test_a_ratio_interval_stops_at_zero(tmp_path):
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0, fid_se=8.0)
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=10.0, fid_se=8.0)
+    crits, _ = evaluate([base, treat], load_card("e9"))
+    (final,) = [c for c in crits if c.name.startswith("final FID")]
+    assert final.pair.interval[0] == 0.0 and final.pair.interval[1] > 2
+
+
+def test_a_card_criterion_without_its_runs_is_a_row_that_says_why(tmp_path):
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine", final_fid=10.0)
+    treat = make_run(tmp_path / "b", "e9b", "minsnr", "cosine", final_fid=11.0)
+    crits, _ = evaluate([base, treat], load_card("e9"))
+    (gap,) = [c for c in crits if c.name.startswith("FID gap")]
+    assert gap.status == "not evaluable" and "no e5 and e6 runs" in gap.detail

@@ -200,3 +200,11 @@ def test_the_fid_gap_compares_pairs_that_differ_only_in_schedule(tmp_path):
         run.config["optim"] = {"lr": 1e-3}
     gap = [c for c in evaluate(runs, load_card("e9"))[0] if c.name.startswith("FID gap")]
     assert gap[0].status == NA and "optim.lr 0.001 vs None" in gap[0].detail
+
+
+def test_a_study_with_a_launcher_that_does_not_exist_is_one_line(tmp_path, capsys):
+    root = tmp_path / "s"
+    code = study.main(["e9", *tiny(tmp_path), "--out", str(root), "--launch", "/no/python"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not a program" in err
+    assert not root.exists()

@@ -138,7 +138,9 @@ def previous_output(out: Path, force: bool) -> list[str]:
     if not out.exists():
         return []
     if not force:
-        raise FileExistsError(f"{out} exists: pass --force to replace the shards prepare wrote")
+        if (out / MANIFEST).is_file():
+            raise FileExistsError(f"{out} exists: pass --force to replace the shards prepare wrote")
+        raise FileExistsError(f"{out} exists and is not an output of prepare: choose a new --out")
     if not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: choose a folder for the shards")
     names = {p.name for p in out.iterdir()}

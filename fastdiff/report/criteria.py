@@ -84,7 +84,11 @@ class Criterion:
             return {
                 "status": c.status,
                 "estimate": num(c.estimate),
-                "interval": None if c.interval is None else [num(v) for v in c.interval],
+                "interval": (
+                    None
+                    if c.interval is None or not all(np.isfinite(c.interval))
+                    else list(c.interval)
+                ),
                 "method": c.method,
                 "seeds": c.seeds,
                 "detail": c.detail,
@@ -312,6 +316,13 @@ def by_seed(pairs: list[Pair]) -> list[tuple[int, Pair]]:
     return [(base.seed, (base, treat)) for base, treat in pairs]
 
 
+def _nonnegative(iv, fmt):
+    """A ratio of two positive quantities is never negative: its interval stops at 0."""
+    if fmt is _times and iv.lo < 0:
+        iv.lo = 0.0
+    return iv
+
+
 Outcome = Measure | str | None  # a seed's measure, why it has none, or None (no data)
 
 
@@ -338,7 +349,7 @@ def judge(
     side = "≤" if pass_below else "≥"
     level = _LEVEL.get()
     seed0, m0 = next(((s, m) for s, m in have if s == CARD_SEED), have[0])
-    iv0 = run_interval(m0, level)
+    iv0 = _nonnegative(run_interval(m0, level), fmt)
     pair = Criterion(
         name,
         verdict(iv0, threshold, pass_below),
@@ -354,7 +365,7 @@ def judge(
         origin=origin,
     )
     if pair.status == INCONCLUSIVE:
-        pair.detail += f"; straddles {side} {fmt(threshold)}: more probe vectors or samples"
+        pair.detail += f"; straddles {side} {fmt(threshold)}: its own measurement cannot decide"
     left_out = f"; left out: {why}" if why else ""
     others = [seed for seed, m in got if m is None]
     if others:
@@ -376,7 +387,7 @@ def judge(
             origin=origin,
             pair=pair,
         )
-    iv = seed_interval([m for _, m in have], level)
+    iv = _nonnegative(seed_interval([m for _, m in have], level), fmt)
     status = verdict(iv, threshold, pass_below)
     text = f"{fmt(iv.estimate)} [{fmt(iv.lo)}, {fmt(iv.hi)}] ({iv.method}, {len(have)} seeds)"
     text += left_out
@@ -1043,7 +1054,12 @@ def _fid_gap(pairs, p, ctx):
         if s in named["treatment"]
     ]
     if not other:
-        return []  # the other schedule's runs were not handed to the report
+        crit = fid_gap_persists([], pairs)
+        crit.detail = (
+            f"not evaluable: no {p['baseline']} and {p['treatment']} runs with this pair's "
+            "seeds were handed to the report (pass their run dirs too)"
+        )
+        return [crit]
     varied = set(differing(list(pairs[0])))  # the other pair may differ as this one does
     other, _ = matched(other, varied)
     by_seed = {b.seed: b for b, _ in pairs}
@@ -1113,6 +1129,8 @@ def arms_of(runs: list[Run], card) -> tuple[dict[str, list[Run]], list[Run]]:
     other = []
     for run in runs:
         arm = card.arm_of(run.config)
+        if arm:
+            run.arm_name = arm  # several arms may share an experiment (γ variants)
         (arms[arm] if arm else other).append(run)
     return {a: sorted(rs, key=lambda r: r.seed) for a, rs in arms.items()}, other
 
@@ -1177,7 +1195,7 @@ def evaluate(runs: list[Run], card) -> tuple[list[Criterion], list[str]]:
         notes.append(
             "Inconclusive: the 95% interval straddles the threshold (or, with one seed, the "
             "seed-to-seed spread is unknown), so these runs cannot say which side the arms "
-            "are on; the detail says about how many seeds would decide it."
+            "are on; with two or more seeds the detail says about how many would decide it."
         )
     extras = [c.name for c in crits if c.origin == EXTRA]
     if extras:
@@ -1212,7 +1230,7 @@ def _level_notes(pairs: list[Pair], card) -> list[str]:
         "seed-to-seed training noise, a paired t-interval over seeds. "
         + (
             "One seed says nothing about that noise, so the arms' verdict stays "
-            f"inconclusive: python -m fastdiff.study {card.name} --seeds 3."
+            "inconclusive: run the same study command again with --seeds 3."
             if len(seeds) == 1
             else ""
         )

@@ -130,7 +130,7 @@ def write_report(runs: list[Run], out: Path, card=None) -> Path:
         "| criterion | seed pair (its runs' error) | arms (over seeds) | numbers | figure |",
         "|---|---|---|---|---|",
     ]
-    md += [_row(c) for c in crits]
+    md += [_row(c, figures) for c in crits]
     md += ["", *[f"- {n}" for n in notes], ""]
     md += provenance_lines(runs)
     for fig in figures:
@@ -150,11 +150,14 @@ def write_report(runs: list[Run], out: Path, card=None) -> Path:
     return out / "REPORT.md"
 
 
-def _row(c: Criterion) -> str:
+def _row(c: Criterion, figures: list[str]) -> str:
     name = c.name + (" *(fastdiff's check, not on the card)*" if c.origin == EXTRA else "")
+    figure = c.figure if c.figure in figures else ""
+    if c.pair is None and c.status != NA:  # a fact of one run (completion), not an estimate
+        return f"| {name} | {ICON[c.status]} | — | {c.detail} | {figure} |"
     pair = "—" if c.pair is None else ICON[c.pair.status]
     detail = c.detail if c.pair is None else f"seed pair: {c.pair.detail}<br>arms: {c.detail}"
-    return f"| {name} | {pair} | {ICON[c.status]} | {detail} | {c.figure} |"
+    return f"| {name} | {pair} | {ICON[c.status]} | {detail} | {figure} |"
 
 
 def _inputs(paths: list[Path], card_arg: str | None):

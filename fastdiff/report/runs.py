@@ -68,6 +68,7 @@ class Run:
     config: dict
     rows: list[dict]
     summary: dict = field(default_factory=dict)
+    arm_name: str | None = None  # the card's name for the run's arm, once assigned
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
@@ -93,7 +94,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.config.get("experiment") or self.path.name
+        return self.arm_name or self.config.get("experiment") or self.path.name
 
     @property
     def seed(self) -> int:
