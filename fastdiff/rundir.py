@@ -105,7 +105,8 @@ def checkpoint_step(path: Path) -> int:
 def records(run_dir: Path) -> list[str]:
     """What ``run_dir`` holds of a run's records: the files a run writes, checkpoints
     (set-aside ones too) counted. Empty for a new folder or one of unrelated files."""
-    names = ("config.yaml", "metrics.jsonl", "summary.json")
+    # study.json: a study's folder, whose runs live in its arm folders, never at its root
+    names = ("config.yaml", "metrics.jsonl", "summary.json", "study.json")
     found = [name for name in names if (run_dir / name).exists()]
     if list(run_dir.glob("events.out.tfevents.*")):
         found.append("TensorBoard events")

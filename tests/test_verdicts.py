@@ -208,3 +208,15 @@ def test_a_study_with_a_launcher_that_does_not_exist_is_one_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is not a program" in err
     assert not root.exists()
+
+
+def test_a_study_folder_is_not_a_run_dir(tmp_path, capsys):
+    from fastdiff import train
+
+    root = tmp_path / "s"
+    study.claim(root, "e9", [])
+    before = sorted(p.name for p in root.iterdir())
+    code = train.main(["quickstart", *tiny(tmp_path), f"train.run_dir={root}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "study.json" in err
+    assert sorted(p.name for p in root.iterdir()) == before
