@@ -60,10 +60,6 @@ class Card:
     def treatments(self) -> list[str]:
         return [a for a in self.arms if a != self.baseline]
 
-    def experiment(self, arm: str) -> str | None:
-        found = [o.split("=", 1)[1] for o in self.arms[arm] if o.startswith("experiment=")]
-        return found[-1] if found else None
-
     @cached_property
     def resolved(self) -> dict[str, dict]:
         """Each arm's composed config, flattened ({"loss.weighting": ...})."""

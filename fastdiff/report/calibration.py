@@ -230,10 +230,10 @@ class Scenario:
     criterion: str
     name: str
     truth: float
-    pass_below: bool
     threshold: float
     draw: Callable
     judge: Callable[..., Criterion]
+    pass_below: bool = True  # every scenario here passes at or below its threshold
 
 
 def _trace_change(change: float) -> Callable:
@@ -293,7 +293,6 @@ def scenarios() -> list[Scenario]:
             "e6 trace ≥15% lower",
             name,
             truth=truth,
-            pass_below=True,
             threshold=-red["threshold"],
             draw=_trace_change(truth),
             judge=reduction,
@@ -309,7 +308,6 @@ def scenarios() -> list[Scenario]:
             "e6 FID ≤ +10%",
             name,
             truth=t,
-            pass_below=True,
             threshold=fb["max_increase"],
             draw=_fid(t, as_change=True),
             judge=worse,
@@ -321,7 +319,6 @@ def scenarios() -> list[Scenario]:
             "e6 FID improved ≥5%",
             name,
             truth=t,
-            pass_below=True,
             threshold=-fb["improved"],
             draw=_fid(t, as_change=True),
             judge=improved,
@@ -333,7 +330,6 @@ def scenarios() -> list[Scenario]:
             "e9 final FID ≤ 1.3×",
             name,
             truth=1 + t,
-            pass_below=True,
             threshold=fr["band"],
             draw=_fid(t, as_change=False),
             judge=ratio,
@@ -345,7 +341,6 @@ def scenarios() -> list[Scenario]:
             "e9 FID gap persists",
             "no gap",
             truth=0.0,
-            pass_below=True,
             threshold=0.0,
             draw=lambda rng, seeds: gap_study(rng, seeds, 0.1, 0.1),
             judge=lambda pairs: fid_gap_persists(*pairs),
@@ -356,7 +351,6 @@ def scenarios() -> list[Scenario]:
             "e9 worst step < 3×",
             name,
             truth=peak,
-            pass_below=True,
             threshold=ex["factor"],
             draw=_worst_ratio(peak),
             judge=lambda pairs: exploding_curvature(pairs, **ex),
@@ -368,7 +362,6 @@ def scenarios() -> list[Scenario]:
             "e9 loss < 2× vanilla's",
             name,
             truth=t,
-            pass_below=True,
             threshold=lp["factor"],
             draw=lambda rng, seeds, t=t: loss_study(rng, seeds, t),
             judge=lambda pairs: loss_pathology(pairs, **lp),
@@ -381,7 +374,6 @@ def scenarios() -> list[Scenario]:
             "e6 fewer spikes",
             "no difference",
             truth=_expected_spike_difference(),
-            pass_below=True,
             threshold=-0.5,
             draw=spike_study,
             judge=lambda pairs: spike_count(pairs, **sc, reps=200),

@@ -657,22 +657,8 @@ def fid_band(pairs: list[Pair], max_increase: float, improved: float) -> list[Cr
     """W1-E6: final FID no worse than +``max_increase``; and whether it improved by at
     least ``improved``."""
     return [
-        _fid_judge(
-            f"final FID no worse than +{max_increase:.0%}",
-            pairs,
-            _fid_change,
-            threshold=max_increase,
-            pass_below=True,
-            fmt=_pct,
-        ),
-        _fid_judge(
-            f"final FID improved by ≥{improved:.0%}",
-            pairs,
-            _fid_change,
-            threshold=-improved,
-            pass_below=True,
-            fmt=_pct,
-        ),
+        fid_change(pairs, max_increase, f"final FID no worse than +{max_increase:.0%}"),
+        fid_change(pairs, -improved, f"final FID improved by ≥{improved:.0%}"),
     ]
 
 
