@@ -81,7 +81,7 @@ def mse_step(batch: int, impl: str, *, smoke: bool):
         mse = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return w_table[t] * mse
 
-    fn = (lambda: weighted_mse(pred, target, t, ac)) if impl == "triton" else eager
+    fn = (lambda: weighted_mse(pred, target, t, w_table)) if impl == "triton" else eager
 
     def run():
         fn().sum().backward()

@@ -9,12 +9,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benches._setup import DEVICE, MODEL, SMOKE, interleaved, sync, timings
 from benches.ratios import paired_ratio
 from fastdiff.curvature import CurvatureProbe
-from fastdiff.diffusion import Schedule, eps_mse
+from fastdiff.diffusion import Schedule, snr, weighted_mse
 from fastdiff.ema import EMA
 from fastdiff.flat import flatten_
 from fastdiff.objective import Objective
 from fastdiff.sampling import ddim_sample, ddpm_sample
 from fastdiff.unet import build_model
+from fastdiff.weighting import weights
 
 SAMPLE_BATCH = 2 if SMOKE else 16
 ROUNDS = 1 if SMOKE else 2
@@ -74,11 +75,12 @@ def _probe_setup(model):
     t = torch.randint(0, 1000, (4,), generator=g).to(DEVICE)
     noise = torch.randn(x0.shape, generator=g).to(DEVICE)
     alphas_cumprod = sched.alphas_cumprod.float().to(DEVICE)
-    probe = CurvatureProbe(x0, t, noise, alphas_cumprod, torch.ones(1000), K, seed=0)
+    objective = Objective(alphas_cumprod, torch.ones(1000, device=DEVICE))
+    probe = CurvatureProbe(x0, t, noise, objective=objective, probes=K, seed=0)
     params = {k: p.detach() for k, p in model.named_parameters()}
 
     def loss_fn(p):
-        return eps_mse(
+        return weighted_mse(
             torch.func.functional_call(model, p, (probe.x_t, t)),
             noise,
             torch.ones(4, device=DEVICE),
@@ -116,7 +118,9 @@ def _probe_set(size: int):
     )
     sched = Schedule.make("linear", 1000)
     images = torch.randint(0, 256, (16, 3, size, size), dtype=torch.uint8)
-    objective = Objective(sched.alphas_cumprod, sched.loss_weights("minsnr", 5.0))
+    objective = Objective(
+        sched.alphas_cumprod, weights(snr(sched.alphas_cumprod), "minsnr", gamma=5)
+    )
     return RunProbes(images, cfg, objective, DEVICE)
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from fastdiff.config import compose
+from fastdiff.config import compose, renamed
 from fastdiff.errors import ConfigError
 from fastdiff.report.criteria import KINDS
-from fastdiff.report.runs import NOT_COMPARED, flatten
+from fastdiff.report.runs import NOT_COMPARED, settings
 
 # The shipped cards: configs/cards in a checkout, fastdiff/shipped_configs/cards in a wheel.
 CARD_DIRS = [
@@ -66,7 +66,7 @@ class Card:
         out = {}
         for arm, overrides in self.arms.items():
             node = OmegaConf.to_container(compose(list(overrides)))
-            out[arm] = flatten({k: v for k, v in node.items() if k != "defaults"})
+            out[arm] = settings(node)
         return out
 
     @cached_property
@@ -78,14 +78,31 @@ class Card:
 
     def arm_of(self, config: dict) -> str | None:
         """The arm a run's config belongs to: its experiment and the varied keys."""
-        flat = flatten(config)
+        flat = settings(config)
         for arm in self.arms:
             mine = self.resolved[arm]
             if flat.get("experiment") != mine.get("experiment"):
                 continue
-            if all(_same(flat.get(k), mine.get(k)) for k in self.varied):
+            if all(_same(flat.get(k), mine.get(k)) for k in self.varied | self.set_by(arm)):
                 return arm
         return None
+
+    def set_by(self, arm: str) -> set[str]:
+        """The settings ``arm``'s overrides name (``loss.prediction=v``: loss.prediction),
+        as the resolved config spells them: a run is the arm's only if it has them too."""
+        keys = {renamed([o])[0].split("=", 1)[0].lstrip("+~") for o in self.arms[arm]}
+        return {k for k in keys if "." in k} & set(self.resolved[arm])
+
+    def run_overrides(self, arm: str, overrides: list[str], *, seed: int, root: Path) -> list[str]:
+        """The settings of ``arm``'s run for ``seed`` in the study folder ``root``: the arm's
+        overrides, the study's, and the run's seed and directory (resumed when it exists)."""
+        return [
+            *self.arms[arm],
+            *overrides,
+            f"train.seed={seed}",
+            f"train.run_dir={root / arm / f'seed{seed}'}",
+            "train.resume=auto",
+        ]
 
     def as_yaml(self) -> str:
         node = {

@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 
+from fastdiff.config import Config, dotted
 from fastdiff.errors import ConfigError
 from fastdiff.rundir import checkpoints, records, save_torch
+from fastdiff.weighting import canonical_loss
 
 log = logging.getLogger("fastdiff")
 
@@ -40,8 +43,11 @@ DEFINING = [
     "model.dropout",
     "diffusion.beta_schedule",
     "diffusion.T",
+    "loss.prediction",
     "loss.weighting",
-    "loss.minsnr_gamma",
+    "loss.gamma",
+    "loss.k",
+    "diffusion.zero_terminal_snr",
     "optim.name",
     "optim.lr",
     "optim.beta1",
@@ -179,10 +185,13 @@ def resolve_resume(cfg, is_main: bool = True) -> Checkpoint | None:
 
 
 def changed_settings(saved: dict, cfg, keys: list[str]) -> list[str]:
-    """'key=was (this run: now)' for each of ``keys`` that differs."""
+    """'key=was (this run: now)' for each of ``keys`` that differs. A record written before
+    a setting existed has its default, and the old name loss.minsnr_gamma reads as gamma."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    flat = canonical_loss(dict(dotted(OmegaConf.to_container(OmegaConf.merge(defaults, saved)))))
     out = []
     for key in keys:
-        was, now = _get(saved, key), _get(cfg, key)
+        was, now = flat.get(key), _get(cfg, key)
         if was != now:
             out.append(f"{key}={was} (this run: {now})")
     return out

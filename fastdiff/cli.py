@@ -29,7 +29,7 @@ COMMANDS = {
         "fastdiff study e9 data=digits train.total_steps=60 --seeds 3",
     ),
     "report": (
-        "fastdiff.report.render",
+        "fastdiff.report_cli",
         "plots and verdicts of a study or of runs",
         "fastdiff report runs/study/e9-1a2b3c4d5e",
     ),
@@ -87,6 +87,13 @@ def cards() -> int:
 
 
 def config(argv: list[str]) -> int:
+    """An experiment's resolved config; with no arguments, the experiments (each a file)."""
+    if not argv:
+        from fastdiff.config import experiments_table
+
+        print(experiments_table())
+        print("\nfastdiff config NAME [KEY=VALUE ...]: one experiment's resolved config")
+        return 0
     from fastdiff.train import main as train_main
 
     return train_main([*argv, "--cfg", "job"])

@@ -7,7 +7,8 @@ batch 4, AMP, grad clip 1.0, EMA 0.999, seed 1077, logging every 500 steps,
 ``e9b`` reads as "cosine + Min-SNR γ=5, 10k steps, curvature on".
 
 Groups (choose with ``GROUP=OPTION`` on the command line):
-model (unet_cifar32, unet_tiny), diffusion (linear, cosine), loss (uniform, minsnr),
+model (unet_cifar32, unet_tiny), diffusion (linear, cosine), loss (one per weighting
+family, fastdiff.weighting.FAMILIES),
 data (digits, cifar10), optim/train/sampling/eval/curvature (default).
 """
 
@@ -24,8 +25,9 @@ import yaml
 from hydra_zen import ZenStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fastdiff.diffusion import BETA_SCHEDULES, WEIGHTINGS
+from fastdiff.diffusion import BETA_SCHEDULES, PREDICTIONS
 from fastdiff.errors import ConfigError
+from fastdiff.weighting import FAMILIES, canonical_loss, check_loss
 
 
 @dataclass
@@ -41,12 +43,17 @@ class ModelConfig:
 class DiffusionConfig:
     beta_schedule: str = "linear"
     T: int = 1000
+    # Rescale β so SNR(T) = 0 exactly (Lin et al. 2024); needs loss.prediction v or x0
+    zero_terminal_snr: bool = False
 
 
 @dataclass
 class LossConfig:
-    weighting: str = "uniform"
-    minsnr_gamma: float = 5.0
+    prediction: str = "eps"  # what the UNet outputs: eps, x0 or v
+    weighting: str = "uniform"  # a family of fastdiff.weighting (λ on the x0-MSE)
+    gamma: float | None = None  # the family's γ (minsnr, soft_minsnr: 5 when unset; p2)
+    k: float | None = None  # p2's k
+    minsnr_gamma: float | None = None  # the old name of gamma, read as gamma
 
 
 @dataclass
@@ -110,6 +117,9 @@ class SamplingConfig:
     grid_every: int = 2000
     seed: int = 0  # the sampling stream: grids of every run start from the same noise
     ddpm_variance: str = "posterior"  # the grids' DDPM σ²: "posterior" (β̃) or "beta" (β)
+    # Which K of the T steps a K-step sampler visits: "linspace" (0 … T−1, evenly) or
+    # "trailing" (T−1 down by T/K; Lin et al. 2024 §3.3, for zero terminal SNR)
+    spacing: str = "linspace"
 
 
 @dataclass
@@ -198,92 +208,80 @@ class Config:
 
 
 # ---------------------------------------------------------------- experiments
-# name -> (one-line description, overrides relative to the base Config).
-# Group choices go under "defaults" as Hydra overrides; everything else is merged.
-_E5 = {
-    "defaults": [],
-    "train": {"total_steps": 10_000},
-    "curvature": {"enabled": True},
-    "eval": {"sampler": "ddpm", "nfe": 50},
-}
-_E9A = {
-    "defaults": [{"override /diffusion": "cosine"}],
-    "train": {"total_steps": 10_000},
-    "curvature": {"enabled": True},
-}
-_MINSNR = {"defaults": [{"override /loss": "minsnr"}], "loss": {"minsnr_gamma": 5.0}}
+# An experiment is one YAML file in the shipped configs folder, and nowhere else: its
+# name (`experiment:`), its group choices (`defaults:`, as Hydra overrides) and only the
+# settings that differ from Config. Line 2 of its header is its one-line description.
+# The cards' files (cards/) are not experiments. In a checkout the folder is configs/;
+# an installed wheel holds the same files as fastdiff.shipped_configs (pyproject.toml).
+_PACKAGE = Path(__file__).resolve().parent
+SHIPPED_CONFIGS = _PACKAGE / "shipped_configs"
+CONFIGS_ROOT = SHIPPED_CONFIGS if SHIPPED_CONFIGS.is_dir() else _PACKAGE.parent / "configs"
+CARDS_FOLDER = "cards"
 
 
-def _derive(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if key == "defaults":
-            out["defaults"] = out.get("defaults", []) + value
-        elif isinstance(value, dict):
-            out[key] = {**out.get(key, {}), **value}
-        else:
-            out[key] = value
-    return out
+def experiment_paths(root: Path = CONFIGS_ROOT) -> list[Path]:
+    """Every YAML file under ``root`` but the cards, in path order."""
+    paths = sorted(root.rglob("*.yaml"), key=lambda p: p.relative_to(root).as_posix())
+    return [p for p in paths if p.relative_to(root).parts[0] != CARDS_FOLDER]
 
 
+def read_experiment(path: Path) -> tuple[str, str, dict] | None:
+    """(name, description, overrides) of an experiment file; None for a YAML file that
+    names no experiment."""
+    text = path.read_text()
+    try:
+        node = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(node, dict) or "experiment" not in node:
+        return None
+    name = node.pop("experiment")
+    lines = text.splitlines()
+    if not isinstance(name, str) or len(lines) < 2 or not lines[1].startswith("# "):
+        raise ConfigError(
+            f"{path}: an experiment file needs `experiment: NAME` and, on its second "
+            "line, a `# description` comment"
+        )
+    if not isinstance(node.get("defaults", []), list):
+        raise ConfigError(f"{path}: `defaults:` must be a list of group overrides")
+    return name, lines[1][2:].strip(), node
+
+
+def discover_experiments(root: Path = CONFIGS_ROOT) -> dict[str, tuple[Path, str, dict]]:
+    """name -> (file, description, overrides) of every experiment file under ``root``."""
+    found: dict[str, tuple[Path, str, dict]] = {}
+    for path in experiment_paths(root):
+        read = read_experiment(path)
+        if read is None:
+            continue
+        name, desc, node = read
+        if name in found:
+            raise ConfigError(f"experiment {name!r} is named by {found[name][0]} and {path}")
+        found[name] = (path, desc, node)
+    return found
+
+
+_DISCOVERED = discover_experiments()
+# name -> (one-line description, overrides relative to the base Config): group choices
+# under "defaults" as Hydra overrides, everything else merged.
 EXPERIMENTS: dict[str, tuple[str, dict]] = {
-    "quickstart": (
-        "tiny UNet on the embedded digits, 16x16, ~5 min on 2 CPU cores",
-        {
-            "defaults": [{"override /model": "unet_tiny"}, {"override /data": "digits"}],
-            "data": {"image_size": 16},
-            "optim": {"lr": 3e-4},
-            "train": {
-                "total_steps": 2000,
-                "batch_size": 32,
-                "ema_decay": 0.995,
-                "log_every": 100,
-                "ckpt_every": 1000,
-                "report": True,
-            },
-            # DDPM, not DDIM-20, for the grids: measured at step 2000, DDIM at 20-100 steps
-            # left colour noise in 24-26 of 64 samples, DDPM at 100 steps in none (9 s)
-            "sampling": {"grid_every": 1000, "grid_sampler": "ddpm", "grid_nfe": 100},
-            # FD on the digits' own extractor (no download) at every milestone: it falls
-            # as the model learns; the final one with its bootstrap interval
-            "eval": {
-                "fid": {"extractor": "digits"},
-                "milestone_every": 500,
-                "milestone_samples": 250,
-                "final_samples": 500,
-                "batch_size": 250,
-            },
-        },
-    ),
-    "e1": (
-        "MS1 W1-E1: vanilla eps-MSE, linear beta, 10k steps",
-        {"defaults": [], "train": {"total_steps": 10_000}},
-    ),
-    "e2": (
-        "MS1 W1-E2: Min-SNR gamma=5, linear beta, 50k steps",
-        _derive(_MINSNR, {"train": {"total_steps": 50_000}}),
-    ),
-    "e5": ("MS1 W1-E5: vanilla eps-MSE, linear beta, Hutchinson trace, 10k, NFE 50", _E5),
-    "e6": (
-        "MS1 W1-E6: Min-SNR gamma=5, linear beta, Hutchinson trace, 10k, NFE 50",
-        _derive(_E5, _MINSNR),
-    ),
-    "e9a": ("MS1 e9a: vanilla eps-MSE, cosine beta, 10k", _E9A),
-    "e9b": ("MS1 e9b: Min-SNR gamma=5, cosine beta, 10k", _derive(_E9A, _MINSNR)),
+    name: (desc, node) for name, (_, desc, node) in _DISCOVERED.items()
+}
+# name -> the file's path as the cards and --config name it ("configs/..."; from an
+# installed wheel, overrides_from_yaml finds it among the shipped configs)
+EXPERIMENT_FILES: dict[str, str] = {
+    name: (Path("configs") / path.relative_to(CONFIGS_ROOT)).as_posix()
+    for name, (path, _, _) in _DISCOVERED.items()
 }
 
-# Where each experiment lives as YAML (the paths the cards name).
-# configs/ as an installed wheel holds it (pyproject: fastdiff.shipped_configs)
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "shipped_configs"
-EXPERIMENT_FILES = {
-    "quickstart": "configs/quickstart.yaml",
-    "e1": "configs/study/MS1_min_snr/e1/e1_baseline_linear_10k.yaml",
-    "e2": "configs/study/MS1_min_snr/e2/e2_minsnr_linear_gamma5_50k.yaml",
-    "e5": "configs/study/MS1_min_snr/e5/e5_baseline_linear_hutch_trace_10k_50nfe.yaml",
-    "e6": "configs/study/MS1_min_snr/e6/e6_minsnr_linear_hutch_trace_10k_50nfe.yaml",
-    "e9a": "configs/study/MS1_min_snr/e9/e9a_baseline_cosine_10k.yaml",
-    "e9b": "configs/study/MS1_min_snr/e9/e9b_minsnr_cosine_gamma5_10k.yaml",
-}
+
+def experiments_table() -> str:
+    """Each experiment's name and description, and its file below them."""
+    width = max(map(len, EXPERIMENTS))
+    return "\n".join(
+        f"{name:<{width}}  {desc}\n{'':<{width}}  {EXPERIMENT_FILES[name]}"
+        for name, (desc, _) in EXPERIMENTS.items()
+    )
 
 
 def experiment_node(name: str) -> dict:
@@ -292,22 +290,6 @@ def experiment_node(name: str) -> dict:
     node["defaults"] = ["_self_", *node.get("defaults", [])]
     node["experiment"] = name
     return node
-
-
-def experiment_yaml(name: str) -> str:
-    """The experiment as the YAML file at its card's path: rendered from EXPERIMENTS, the
-    one source of truth (``python -m fastdiff.config`` rewrites the files)."""
-    desc, node = EXPERIMENTS[name]
-    body = {"experiment": name, "defaults": node.get("defaults", [])}
-    body |= {k: v for k, v in node.items() if k != "defaults"}
-    header = [
-        "# @package _global_",
-        f"# {desc}",
-        "# Only what differs from the base config (fastdiff/config.py: Config), written by",
-        "# python -m fastdiff.config from fastdiff.config.EXPERIMENTS.",
-        f"# Run: python -m fastdiff.train --config {EXPERIMENT_FILES[name]}",
-    ]
-    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False)
 
 
 def build_store() -> ZenStore:
@@ -320,7 +302,7 @@ def build_store() -> ZenStore:
             "unet_tiny": ModelConfig(name="unet_tiny", base_channels=32),
         },
         "diffusion": {s: DiffusionConfig(beta_schedule=s) for s in BETA_SCHEDULES},
-        "loss": {w: LossConfig(weighting=w) for w in WEIGHTINGS},
+        "loss": {w: LossConfig(weighting=w) for w in FAMILIES},
         "data": {
             "digits": DataConfig(),
             "cifar10": DataConfig(name="cifar10", path=MISSING, hflip=True),
@@ -396,6 +378,28 @@ def override_value(value) -> str:
     raise ConfigError(f"cannot use {value!r} ({type(value).__name__}) as a setting")
 
 
+# Old setting names, still accepted on the command line, in cards and config files
+RENAMED = {"loss.minsnr_gamma": "loss.gamma"}
+
+
+def renamed(overrides: list[str]) -> list[str]:
+    """``overrides`` with old setting names replaced by the current ones."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        new = RENAMED.get(key.lstrip("+"))
+        if new is not None and sep:
+            given = [x for x in overrides if x.partition("=")[0].lstrip("+") == new]
+            if given and given[-1].partition("=")[2] != value:
+                raise ConfigError(
+                    f"{key}={value} and {given[-1]} disagree: set only {new} "
+                    f"({key} is its old name)"
+                )
+            o = f"{new}={value}"
+        out.append(o)
+    return out
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """Compose the config from the store and Hydra overrides; errors become ConfigError."""
     from hydra import compose as hydra_compose
@@ -404,6 +408,7 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    overrides = renamed(overrides)
     for o in overrides:
         name = o.split("=", 1)[1].strip("'\"") if o.startswith("experiment=") else None
         if name is not None and name not in EXPERIMENTS:
@@ -480,17 +485,36 @@ def _check_diffusion(cfg: Config) -> None:
     )
     need(cfg.diffusion.T > 0, f"diffusion.T must be > 0, got {cfg.diffusion.T}")
     need(
+        not (cfg.diffusion.zero_terminal_snr and cfg.loss.prediction == "eps"),
+        "diffusion.zero_terminal_snr=true with loss.prediction=eps: at SNR = 0 x_t is pure "
+        "noise, so ε says nothing of the image; use loss.prediction=v or x0",
+    )
+    need(
         0 <= cfg.train.loss_bins <= cfg.diffusion.T,
         f"train.loss_bins must be in [0, T={cfg.diffusion.T}], got {cfg.train.loss_bins}",
     )
 
 
 def _check_loss(cfg: Config) -> None:
-    need(
-        cfg.loss.weighting in WEIGHTINGS,
-        f"unknown loss.weighting {cfg.loss.weighting!r}: use one of {', '.join(WEIGHTINGS)}",
+    """Checks the family and its parameters, and writes them resolved into the config (the
+    old key minsnr_gamma as gamma, a family's default γ filled in), so the record says
+    what was trained."""
+    try:
+        resolved = canonical_loss(
+            {f"loss.{k}": getattr(cfg.loss, k) for k in ("weighting", "gamma", "k", "minsnr_gamma")}
+        )
+        check_loss(cfg.loss.weighting, cfg.loss.prediction, resolved)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cfg.loss.gamma, cfg.loss.k, cfg.loss.minsnr_gamma = (
+        resolved["loss.gamma"],
+        resolved["loss.k"],
+        None,
     )
-    need(cfg.loss.minsnr_gamma > 0, f"loss.minsnr_gamma must be > 0, got {cfg.loss.minsnr_gamma}")
+    need(
+        cfg.loss.prediction in PREDICTIONS,
+        f"unknown loss.prediction {cfg.loss.prediction!r}: use one of {', '.join(PREDICTIONS)}",
+    )
 
 
 def _check_optim(cfg: Config) -> None:
@@ -569,6 +593,10 @@ def _check_sampling(cfg: Config) -> None:
     for key in ("grid_sampler", "sampler"):
         name = getattr(cfg.sampling if key == "grid_sampler" else cfg.eval, key)
         need(name in SAMPLERS, f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+    need(
+        cfg.sampling.spacing in ("linspace", "trailing"),
+        f"sampling.spacing must be 'linspace' or 'trailing', got {cfg.sampling.spacing!r}",
+    )
     need(
         cfg.sampling.ddpm_variance in ("posterior", "beta"),
         f"sampling.ddpm_variance must be 'posterior' or 'beta', got {cfg.sampling.ddpm_variance!r}",
@@ -709,9 +737,5 @@ def flat(cfg: Config) -> dict[str, Any]:
     return dict(dotted(node))
 
 
-if __name__ == "__main__":  # rewrite the experiment YAML files from EXPERIMENTS
-    root = Path(__file__).resolve().parents[1]
-    for name, rel in EXPERIMENT_FILES.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(experiment_yaml(name))
-        print(f"wrote {rel}")
+if __name__ == "__main__":  # the experiments, as read from their files
+    print(experiments_table())

@@ -19,52 +19,52 @@ from dataclasses import dataclass
 import torch
 
 BETA_SCHEDULES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "minsnr")
+# What the network's output means (Salimans & Ho 2022, §4 and appendix D): the noise ε,
+# the clean image x0, or the velocity v = √ᾱ ε − √(1−ᾱ) x0.
+PREDICTIONS = ("eps", "x0", "v")
 
 
-def make_betas(schedule: str, T: int) -> torch.Tensor:
+def make_betas(schedule: str, T: int, *, zero_terminal_snr: bool = False) -> torch.Tensor:
     """β_1..β_T as a float64 tensor of shape (T,).
 
     - ``"linear"``: β rises linearly from 1e-4 to 0.02 (DDPM §4, the CIFAR-10 setting).
     - ``"cosine"``: ᾱ(t) = f(t)/f(0), f(t) = cos²(((t/T) + s)/(1 + s) · π/2), s = 0.008,
       β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17).
+
+    ``zero_terminal_snr``: rescaled so that SNR(T) = 0 exactly (:func:`rescale_zero_terminal_snr`).
     """
     if T <= 0:
         raise ValueError(f"diffusion.T must be a positive number of steps, got {T}")
     if schedule == "linear":
-        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-    if schedule == "cosine":
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    elif schedule == "cosine":
         s = 0.008
         steps = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alphas_cumprod = f / f[0]
-        betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
-        return betas.clamp(max=0.999)
-    raise ValueError(f"unknown beta schedule {schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+        betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(
+            f"unknown beta schedule {schedule!r}: use one of {', '.join(BETA_SCHEDULES)}"
+        )
+    return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 (arXiv:2305.08891), Algorithm 1: shift √ᾱ so its last value is 0
+    and scale it so its first value is kept, then rebuild β. SNR(T) is then 0 exactly and
+    β_T = 1: the last step's input is pure noise, as sampling starts from."""
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alphas_cumprod = root**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1 - alphas
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio SNR(t) = ᾱ_t / (1 − ᾱ_t) (Kingma et al. 2021, eq. 1)."""
     return alphas_cumprod / (1 - alphas_cumprod)
-
-
-def loss_weight(snr_t: torch.Tensor, weighting: str, gamma: float = 5.0) -> torch.Tensor:
-    """Per-timestep weight of the ε-MSE loss.
-
-    - ``"uniform"``: 1 (the "simple" DDPM loss, eq. 14).
-    - ``"minsnr"``: min(SNR, γ) / SNR, the Min-SNR-γ strategy for ε-prediction
-      (Hang et al. 2023, arXiv:2303.09556, §3.4). The x0-space weight min(SNR, γ)
-      becomes min(SNR, γ)/SNR in ε-space because ‖ε − ε̂‖² = SNR · ‖x0 − x̂0‖².
-      As SNR → 0 the ratio tends to 1 (SNR < γ there), which is what SNR == 0 gets.
-    """
-    if weighting == "uniform":
-        return torch.ones_like(snr_t)
-    if weighting == "minsnr":
-        if not gamma > 0:
-            raise ValueError(f"loss.minsnr_gamma must be > 0, got {gamma}")
-        ratio = torch.clamp(snr_t, max=gamma) / snr_t
-        return torch.where(snr_t > 0, ratio, torch.ones_like(snr_t))
-    raise ValueError(f"unknown loss weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,14 @@ class Schedule:
     betas: torch.Tensor  # (T,)
 
     @classmethod
-    def make(cls, beta_schedule: str, T: int) -> Schedule:
-        return cls(make_betas(beta_schedule, T))
+    def make(cls, beta_schedule: str, T: int, *, zero_terminal_snr: bool = False) -> Schedule:
+        return cls(make_betas(beta_schedule, T, zero_terminal_snr=zero_terminal_snr))
+
+    @classmethod
+    def of(cls, cfg) -> Schedule:
+        """The run's schedule from its config (``diffusion.*``)."""
+        d = cfg.diffusion
+        return cls.make(d.beta_schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
 
     @property
     def T(self) -> int:
@@ -85,9 +91,45 @@ class Schedule:
     def alphas_cumprod(self) -> torch.Tensor:
         return torch.cumprod(1 - self.betas, dim=0)
 
-    def loss_weights(self, weighting: str, gamma: float) -> torch.Tensor:
-        """Weight per timestep, shape (T,), float64."""
-        return loss_weight(snr(self.alphas_cumprod), weighting, gamma)
+
+def target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor):
+    """What a ``prediction`` network is trained to output at x_t = √ᾱ x0 + √(1−ᾱ) ε.
+    ``a``: ᾱ_t broadcastable against x0."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":  # Salimans & Ho 2022, eq. 31 (their α = √ᾱ, σ = √(1−ᾱ))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
+
+
+def to_x0_eps(prediction: str, out: torch.Tensor, x_t: torch.Tensor, a):
+    """(x̂0, ε̂) from a ``prediction`` network's output ``out`` at x_t, ᾱ_t = ``a`` (a float
+    or a tensor broadcastable against x_t): the one conversion every sampler and consumer
+    uses. ε from x0 divides by √(1−ᾱ) > 0; x0 from ε divides by √ᾱ, which is why
+    ε-prediction cannot have SNR = 0 (config validation refuses it)."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    sa, sb = a.sqrt().to(x_t.dtype), (1 - a).sqrt().to(x_t.dtype)
+    if prediction == "eps":
+        return (x_t - sb * out) / sa, out
+    if prediction == "x0":
+        return out, (x_t - sa * out) / sb
+    if prediction == "v":  # x0 = √ᾱ x_t − √(1−ᾱ) v, ε = √(1−ᾱ) x_t + √ᾱ v (from eq. 31)
+        return sa * x_t - sb * out, sb * x_t + sa * out
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
+
+
+def eps_mse_per_target_mse(prediction: str, snr_t: torch.Tensor) -> torch.Tensor:
+    """m(t) with ‖ε̂ − ε‖² = m · ‖out − target‖² at one x_t: 1 for ε, SNR for x0
+    (x̂0 − x0 = −(ε̂ − ε)/√SNR) and ᾱ = SNR/(SNR+1) for v (ε̂ − ε = √ᾱ (v̂ − v))."""
+    if prediction == "eps":
+        return torch.ones_like(snr_t)
+    if prediction == "x0":
+        return snr_t
+    if prediction == "v":
+        return snr_t / (snr_t + 1)
+    raise ValueError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -103,28 +145,10 @@ def q_sample(
     return _bcast(a.sqrt(), x0) * x0 + _bcast((1 - a).sqrt(), x0) * noise
 
 
-def eps_mse(eps_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted per-sample ε-MSE: w_t · mean_{c,h,w} (ε̂ − ε)², shape (B,), accumulated in fp32."""
-    err = (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+def weighted_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted per-sample MSE: w_b · mean_{c,h,w} (out − target)², shape (B,), in fp32."""
+    err = (out.float() - target.float()).pow(2).flatten(1).mean(1)
     return weight.float() * err
-
-
-def eps_loss(
-    model,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """Per-sample weighted ε-prediction loss, unreduced, shape (B,).
-
-    ``weights`` is the per-timestep table from :meth:`Schedule.loss_weights`; the
-    caller reduces (mean over the batch) so tests and probes can look per sample.
-    """
-    x_t = q_sample(x0, t, noise, alphas_cumprod)
-    eps_pred = model(x_t, t)
-    return eps_mse(eps_pred, noise, weights.to(x0.device)[t])
 
 
 def t_bin_edges(T: int, bins: int) -> list[int]:

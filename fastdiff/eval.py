@@ -16,7 +16,13 @@ import torch
 from fastdiff.config import need
 from fastdiff.diffusion import Schedule
 from fastdiff.errors import Parser, guarded
-from fastdiff.fid import build_evaluator, chosen_extractor, generate, resolve_weights
+from fastdiff.fid import (
+    build_evaluator,
+    chosen_extractor,
+    generate,
+    resolve_weights,
+    spacing_record,
+)
 from fastdiff.restore import load_run
 from fastdiff.rundir import write_text
 from fastdiff.sampling import SAMPLERS
@@ -60,7 +66,7 @@ def evaluate(args: argparse.Namespace) -> int:
         fid.weights_path = str(resolve_weights(fid.weights_path, option="--weights"))
     evaluator, _ = build_evaluator(cfg, run.host_batches(), device, explicit=True)
     model = run.model
-    schedule = Schedule.make(cfg.diffusion.beta_schedule, T)
+    schedule = Schedule.of(cfg)  # zero_terminal_snr included
     start = time.perf_counter()
     samples = generate(
         model,
@@ -71,6 +77,8 @@ def evaluate(args: argparse.Namespace) -> int:
         nfe=args.nfe,
         seed=cfg.eval.seed,
         batch_size=args.batch_size,
+        prediction=cfg.loss.prediction,
+        spacing=cfg.sampling.spacing,
         progress=True,
     )
     result = {
@@ -79,7 +87,12 @@ def evaluate(args: argparse.Namespace) -> int:
         "nfe": args.nfe,
         "samples": args.samples,
         **{f"eval/fid/{k}": v for k, v in evaluator(samples).items()},
-        "fid_provenance": {**evaluator.provenance, "sampler": args.sampler, "nfe": args.nfe},
+        "fid_provenance": {
+            **evaluator.provenance,
+            "sampler": args.sampler,
+            "nfe": args.nfe,
+            **spacing_record(cfg.sampling.spacing),
+        },
         "seconds": time.perf_counter() - start,
     }
     name = f"eval_step{step:07d}_{args.sampler}{args.nfe}_n{args.samples}.json"

@@ -238,6 +238,12 @@ def shard_of(n: int, rank: int, world_size: int) -> range:
 
 
 @torch.no_grad()
+def spacing_record(spacing: str) -> dict:
+    """The spacing as FID provenance records it: only when it is not the default, so the
+    records of runs from before the choice existed (all linspace) compare equal."""
+    return {} if spacing == "linspace" else {"spacing": spacing}
+
+
 def generate(
     model,
     schedule: Schedule,
@@ -249,10 +255,13 @@ def generate(
     seed: int,
     batch_size: int,
     ddpm_variance: str = "posterior",
+    prediction: str = "eps",
+    spacing: str = "linspace",
     progress: bool = False,
 ) -> torch.Tensor:
     """Samples ``indices`` as uint8 (len(indices), C, H, W) in a (pinned) host buffer, each
-    from its own generator (:func:`sample_generators`) through :func:`fastdiff.sampling.sample`."""
+    from its own generator (:func:`sample_generators`) through :func:`fastdiff.sampling.sample`
+    (``prediction``: the model's ``loss.prediction``; ``spacing``: ``sampling.spacing``)."""
     # The buffer is uninitialised memory until a batch lands in it: a batch size that
     # fills none of it (range(0, n, -5) is empty) must not hand it back as samples.
     if batch_size < 1:
@@ -278,6 +287,8 @@ def generate(
             nfe=nfe,
             generator=gens,
             ddpm_variance=ddpm_variance,
+            prediction=prediction,
+            spacing=spacing,
         )
         # Device-side uint8, then an async copy: the next batch starts while this one lands.
         out[start : start + len(idx)].copy_(to_uint8(x), non_blocking=pinned)

@@ -33,7 +33,6 @@ from torch.func import functional_call, vmap
 from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
 from fastdiff.errors import BAD_INPUT, Parser, fail
-from fastdiff.seeding import stream_seed
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, amp_precision, training_mask
 from fastdiff.unet import build_model
@@ -183,7 +182,7 @@ class FusedRuns:
             self.forward = torch.compile(self.forward, backend=backend)
 
     def _one(self, params: dict, x: torch.Tensor, t: torch.Tensor, masks: dict) -> torch.Tensor:
-        """One model's ε prediction from its weights and dropout masks (under vmap)."""
+        """One model's output from its weights and dropout masks (under vmap)."""
         return functional_call(self.module, {**params, **masks}, (x, t))
 
     def _dropout_layout(self) -> list[tuple]:
@@ -229,8 +228,7 @@ class FusedRuns:
         step seeds them (its dropout stream, through the default generators), layer by
         layer in forward order. On CUDA they are then F.dropout's Philox masks, so a fused
         run equals its standalone run there too, and no mask crosses from the host."""
-        cfg, rank = trainer.cfg, trainer.acc.process_index
-        torch.manual_seed(stream_seed(cfg.train.seed, "dropout", step, rank))
+        trainer.seed_dropout(step)
         like = [
             torch.empty_strided(shape, stride, dtype=dtype, device=trainer.device)
             for _, shape, stride, dtype, _ in self.masks
@@ -242,11 +240,12 @@ class FusedRuns:
         forward and backward, then each run's own update (clip, skip-on-non-finite,
         Adam) and EMA."""
         ts = self.trainers if trainers is None else trainers
-        x_t, ts_, noises, masks = [], [], [], []
+        x_t, ts_, x0s, noises, masks = [], [], [], [], []
         for tr in ts:
             x0, t, noise = tr.draws(step)
             x_t.append(tr.objective.noised(x0, t, noise))
             ts_.append(t)
+            x0s.append(x0)
             noises.append(noise)
             masks.append(self._draw_masks(tr, step))
         # The runs' weights side by side, (K, N), and each parameter a (K, ...) view of
@@ -267,12 +266,12 @@ class FusedRuns:
         }
 
         with ts[0].acc.autocast():
-            eps = self.forward(views, torch.stack(x_t), torch.stack(ts_), masks_k)
+            out = self.forward(views, torch.stack(x_t), torch.stack(ts_), masks_k)
             per_sample = [
-                tr.objective.of_prediction(eps[k], noises[k], ts_[k]) for k, tr in enumerate(ts)
+                tr.objective.of_prediction(out[k], x0s[k], noises[k], ts_[k])
+                for k, tr in enumerate(ts)
             ]
-        losses = [p.mean() for p in per_sample]
-        ts[0].acc.backward(torch.stack(losses).sum())
+        ts[0].acc.backward(torch.stack([p.mean() for p in per_sample]).sum())
         got = [(as_stacked(grad, p), views[name].grad) for name, p in self.params]
         torch._foreach_copy_(
             [g for g, v in got if v is not None], [v for _, v in got if v is not None]
@@ -285,11 +284,7 @@ class FusedRuns:
         outs = []
         for k, tr in enumerate(ts):
             tr.optimizer.flat.grad.copy_(grad[k])
-            grad_norm, finite = tr.optimizer.update(losses[k])
-            tr.ema.update(tr.module)
-            ps = per_sample[k].detach()
-            mse = tr.objective.unweighted(ps, ts_[k])
-            outs.append(StepOut(losses[k].detach(), grad_norm, finite, ts_[k], ps, mse))
+            outs.append(tr.finish_step(per_sample[k], ts_[k], backward=False))
         return outs
 
     def train(self) -> list[dict | Stopped]:
@@ -341,19 +336,9 @@ class FusedRuns:
 def study_configs(card, overrides: list[str], seeds: list[int], root: Path) -> list[Config]:
     """Every arm-seed of ``card`` (a fastdiff.cards.Card) as a run config."""
     return [
-        to_config(
-            compose(
-                [
-                    *arm_overrides,
-                    *overrides,
-                    f"train.seed={seed}",
-                    f"train.run_dir={root / arm / f'seed{seed}'}",
-                    "train.resume=auto",
-                ]
-            )
-        )
+        to_config(compose(card.run_overrides(arm, overrides, seed=seed, root=root)))
         for seed in seeds
-        for arm, arm_overrides in card.arms.items()
+        for arm in card.arms
     ]
 
 

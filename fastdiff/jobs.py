@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from fastdiff.fid import FIDEvaluator, generate, shard_of
+from fastdiff.fid import FIDEvaluator, generate, shard_of, spacing_record
 from fastdiff.rundir import MetricsLog, atomic_path, write_text
 from fastdiff.sampling import sample
 from fastdiff.seeding import stream_generator
@@ -47,8 +47,18 @@ class Grids:
     contrast with the same numbers for training images: washed-out or collapsed
     samples show there (MS1-e9)."""
 
-    def __init__(self, run_dir: Path, sampling, schedule, image_shape, *, reference: torch.Tensor):
+    def __init__(
+        self,
+        run_dir: Path,
+        sampling,
+        schedule,
+        image_shape,
+        *,
+        reference: torch.Tensor,
+        prediction: str = "eps",
+    ):
         self.dir, self.cfg, self.schedule = run_dir / "samples", sampling, schedule
+        self.prediction = prediction  # loss.prediction: what the model outputs
         self.shape = (sampling.grid_images, *image_shape)
         self.reference = reference[: sampling.grid_images].float() / 255  # uint8 training images
 
@@ -65,6 +75,8 @@ class Grids:
             nfe=c.grid_nfe,
             generator=g,
             ddpm_variance=c.ddpm_variance,
+            prediction=self.prediction,
+            spacing=c.spacing,
         )
         x = (x.float().cpu() + 1) / 2
         stats = {
@@ -95,9 +107,13 @@ class FIDJob:
         *,
         schedule,
         shape,
+        prediction: str = "eps",
+        spacing: str = "linspace",
     ):
         self.fid, self.cfg, self.acc, self.metrics = evaluator, eval_cfg, accelerator, metrics
         self.schedule, self.shape = schedule, shape
+        # loss.prediction and sampling.spacing: what the model outputs, which steps to visit
+        self.prediction, self.spacing = prediction, spacing
 
     def milestone(self, step: int, model) -> None:
         self._score(step, model, self.cfg.milestone_samples, "val/fid_milestone", final=False)
@@ -112,6 +128,7 @@ class FIDJob:
             **self.fid.provenance,
             "sampler": e.sampler,
             "nfe": e.nfe,
+            **spacing_record(self.spacing),
             "milestone_samples": e.milestone_samples,
             "final_samples": e.final_samples,
             "seed": e.seed,
@@ -130,6 +147,8 @@ class FIDJob:
             nfe=e.nfe,
             seed=e.seed,
             batch_size=e.batch_size,
+            prediction=self.prediction,
+            spacing=self.spacing,
         )
         if acc.num_processes > 1:
             samples = torch.cat(gather_object([samples]))

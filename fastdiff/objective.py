@@ -1,14 +1,16 @@
-"""The ε-prediction objective, in one place.
+"""The training objective, in one place.
 
-x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε,  ε̂ = model(x_t, t),  loss_b = w(t_b) · mean_pix (ε̂_b − ε_b)².
+x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε,  out = model(x_t, t),  loss_b = w(t_b) · mean_pix (out_b − y_b)²
 
-The trainer minimises it, the curvature probe differentiates it twice
-(:mod:`fastdiff.curvature`), and Taylor mode expands the same per-sample residual to
-second order (:func:`fastdiff.taylor.vhv_taylor_per_sample`). Where a change goes:
+where y is the prediction's target (ε, x0 or v: :func:`fastdiff.diffusion.target`) and
+w(t) the run's weighting family converted to that target's space
+(:func:`fastdiff.weighting.weights`). The trainer minimises it, the curvature probe
+differentiates it twice (:mod:`fastdiff.curvature`), and Taylor mode expands the same
+per-sample residual to second order (:func:`fastdiff.taylor.vhv_taylor_per_sample`).
+Where a change goes:
 
-- a new weighting: :func:`fastdiff.diffusion.loss_weight` (the table w(t)), and for
-  ``model.kernels=triton`` also ``fastdiff/kernels/weighted_mse.py``, whose fused kernel
-  computes w(t) from ᾱ_t itself instead of reading the table;
+- a new weighting: one :func:`fastdiff.weighting.family` (the fused kernel reads its table);
+- a new prediction target: :func:`fastdiff.diffusion.target` and ``to_x0_eps``;
 - a new schedule: :func:`fastdiff.diffusion.make_betas`.
 """
 
@@ -16,39 +18,48 @@ from __future__ import annotations
 
 import torch
 
-from fastdiff.diffusion import Schedule, eps_loss, eps_mse, q_sample
-from fastdiff.kernels import weighted_mse
+from fastdiff import weighting
+from fastdiff.diffusion import Schedule, q_sample, snr, target, weighted_mse
+from fastdiff.kernels import weighted_mse as fused_weighted_mse
 
 
 class Objective:
-    """One run's objective: its schedule's ᾱ_t (T,) and weighting table w(t) (T,).
+    """One run's objective: its schedule's ᾱ_t (T,), its weight table w(t) (T,) in the
+    prediction's space, and what the network predicts.
 
     ``fused``: the loss of the model's output goes through the fused Triton kernel,
-    which computes w(t) from ᾱ_t for the named ``weighting`` and ``gamma`` (same
-    values as the table). Otherwise the torch formula reads the table."""
+    which reads the same table. Otherwise plain torch."""
 
     def __init__(
         self,
         alphas_cumprod: torch.Tensor,
         weights: torch.Tensor,
-        weighting: str | None = None,
-        gamma: float | None = None,
+        *,
+        prediction: str = "eps",
         fused: bool = False,
     ):
-        if fused and weighting is None:
-            raise ValueError("the fused loss needs the weighting's name (and gamma)")
         self.alphas_cumprod, self.weights = alphas_cumprod.float(), weights.float()
-        self.weighting, self.gamma, self.fused = weighting, gamma, fused
+        self.prediction, self.fused = prediction, fused
+        # plain ε-MSE = eps_scale[t] · weighted loss: the logged unweighted ε-MSE
+        self.eps_scale = weighting.eps_mse_scale(
+            weights.double(), snr(alphas_cumprod.double()), prediction
+        ).to(self.weights)
 
     @classmethod
     def of(cls, cfg, device) -> Objective:
-        schedule = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-        weights = schedule.loss_weights(cfg.loss.weighting, cfg.loss.minsnr_gamma)
+        schedule = Schedule.of(cfg)
+        loss = cfg.loss
+        weights = weighting.weights(
+            snr(schedule.alphas_cumprod),
+            loss.weighting,
+            prediction=loss.prediction,
+            gamma=loss.gamma,
+            k=loss.k,
+        )
         objective = cls(
             schedule.alphas_cumprod.to(device),
             weights.to(device),
-            cfg.loss.weighting,
-            cfg.loss.minsnr_gamma,
+            prediction=loss.prediction,
             fused=cfg.model.kernels == "triton",
         )
         objective.schedule = schedule  # the samplers' (float64, on the host)
@@ -57,28 +68,33 @@ class Objective:
     def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return q_sample(x0, t, noise, self.alphas_cumprod)
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for (x0, ε) at t."""
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+        return target(self.prediction, x0, noise, a.to(x0.dtype))
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """w(t) per sample, fp32."""
         return self.weights[t]
 
     def __call__(self, model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
         """The per-sample loss (B,), unreduced: the caller averages, probes look per sample."""
-        if self.fused:
-            eps = model(self.noised(x0, t, noise), t)
-            return weighted_mse(eps, noise, t, self.alphas_cumprod, self.gamma, self.weighting)
-        return eps_loss(model, x0, t, noise, self.alphas_cumprod, self.weights)
+        return self.of_prediction(model(self.noised(x0, t, noise), t), x0, noise, t)
 
-    def of_prediction(self, eps: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
-        """The per-sample loss (B,) of a prediction made elsewhere (fastdiff.fused runs
-        several models in one vmapped pass), with this run's weights."""
-        return eps_mse(eps, noise, self.weight(t))
+    def of_prediction(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t):
+        """The per-sample loss (B,) of an output made elsewhere (fastdiff.fused runs
+        several models in one vmapped pass), with this run's target and weights."""
+        y = self.target(x0, noise, t)
+        if self.fused:
+            return fused_weighted_mse(out, y, t, self.weights)
+        return weighted_mse(out, y, self.weight(t))
 
     @staticmethod
-    def of_noised(model, x_t, t, noise, weight) -> torch.Tensor:
-        """The per-sample loss at given x_t and weights: what the curvature probe
+    def of_noised(model, x_t, t, target, weight) -> torch.Tensor:
+        """The per-sample loss at given x_t, target and weights: what the curvature probe
         differentiates (its x_t is fixed, its weights may be all ones)."""
-        return eps_mse(model(x_t, t), noise, weight)
+        return weighted_mse(model(x_t, t), target, weight)
 
     def unweighted(self, per_sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Plain ε-MSE per sample, from the weighted loss."""
-        return per_sample / self.weights[t]
+        """Plain ε-MSE per sample (whatever the prediction), from the weighted loss."""
+        return per_sample * self.eps_scale[t]

@@ -197,17 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         if run_logged(cmd, log) != 0:
             failed.append(f"the fused job (log: {log})")
     for seed in seeds if not args.fused else []:
-        for arm, arm_overrides in card.arms.items():
-            run_dir = root / arm / f"seed{seed}"
+        for arm in card.arms:
             cmd = [
                 *launch,
                 "-m",
                 "fastdiff.train",
-                *arm_overrides,
-                *args.overrides,
-                f"train.seed={seed}",
-                f"train.run_dir={run_dir}",
-                "train.resume=auto",
+                *card.run_overrides(arm, args.overrides, seed=seed, root=root),
             ]
             print("$", shlex.join(cmd), flush=True)
             log = root / "logs" / f"{arm}-seed{seed}.log"

@@ -328,12 +328,12 @@ def vhv_taylor(
     x_t: torch.Tensor,
     *,
     t: torch.Tensor,
-    noise: torch.Tensor,
+    target: torch.Tensor,
     weight: torch.Tensor,
 ) -> torch.Tensor:
-    """vᵀHv of mean_b w_b·mean_pix (model(x_t, t) − noise)² w.r.t. the parameters, for
+    """vᵀHv of mean_b w_b·mean_pix (model(x_t, t) − target)² w.r.t. the parameters, for
     one probe v (a dict like ``params``); batch probes with ``torch.func.vmap``."""
-    return (weight * vhv_taylor_per_sample(model, params, v, x_t, t=t, noise=noise)).mean()
+    return (weight * vhv_taylor_per_sample(model, params, v, x_t, t=t, target=target)).mean()
 
 
 def vhv_taylor_per_sample(
@@ -343,13 +343,13 @@ def vhv_taylor_per_sample(
     x_t: torch.Tensor,
     *,
     t: torch.Tensor,
-    noise: torch.Tensor,
+    target: torch.Tensor,
 ) -> torch.Tensor:
-    """(B,): vᵀH_b v of each sample's unweighted loss mean_pix (model(x_t, t) − noise)²,
+    """(B,): vᵀH_b v of each sample's unweighted loss mean_pix (model(x_t, t) − target)²,
     all from one forward pass: any weighting, batch subset or bin of the trace is then
     a weighted mean of these, with the same probe vector."""
     out = unet_jet(model, {k: Jet(p, v[k]) for k, p in params.items()}, x_t, t)
-    r0 = out.c0 - noise
+    r0 = out.c0 - target
     # L_b(ε) = mean_pix r(ε)²: its ε² coefficient is mean_pix(2 r₀ r₂ + r₁²), and
     # vᵀH_b v = 2 × that coefficient (the second derivative of L_b(θ + εv) at 0)
     second = torch.addcmul(out.c1.square(), r0, out.c2, value=2)

@@ -25,7 +25,7 @@ experiments:
 
 overrides (Hydra syntax), e.g.:
   train.total_steps=200 train.batch_size=8 data=digits diffusion=cosine loss=minsnr
-  loss.minsnr_gamma=5 optim.lr=2e-4 train.resume=runs/e9b/20261121-101500
+  loss.gamma=5 optim.lr=2e-4 train.resume=runs/e9b/20261121-101500
 groups: model=unet_cifar32|unet_tiny  diffusion=linear|cosine  loss=uniform|minsnr
         data=digits|cifar10 (cifar10 needs data.path=cifar-10-python.tar.gz or its folder)
 

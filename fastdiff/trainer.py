@@ -136,11 +136,23 @@ class Trainer:
         )
         shape = self.image_shape
         self.grids = Grids(
-            self.run_dir, cfg.sampling, self.schedule, shape, reference=self.reference_images
+            self.run_dir,
+            cfg.sampling,
+            self.schedule,
+            shape,
+            reference=self.reference_images,
+            prediction=cfg.loss.prediction,
         )
         if self.fid is not None:
             self.fid_job = FIDJob(
-                self.fid, cfg.eval, self.acc, self.metrics, schedule=self.schedule, shape=shape
+                self.fid,
+                cfg.eval,
+                self.acc,
+                self.metrics,
+                schedule=self.schedule,
+                shape=shape,
+                prediction=cfg.loss.prediction,
+                spacing=cfg.sampling.spacing,
             )
 
     # ----------------------------------------------------------------- set-up
@@ -221,14 +233,26 @@ class Trainer:
         )
         return x0, t, noise
 
+    def seed_dropout(self, step: int) -> None:
+        """Seed the default generators with this step's dropout stream: the masks a step
+        draws, alone or in a fused job, depend only on (seed, step, rank)."""
+        torch.manual_seed(stream_seed(self.cfg.train.seed, "dropout", step, self.acc.process_index))
+
     def train_step(self, step: int) -> StepOut:
         """One optimizer step; a non-finite loss or gradient skips the update on the device."""
         x0, t, noise = self.draws(step)
-        torch.manual_seed(stream_seed(self.cfg.train.seed, "dropout", step, self.acc.process_index))
+        self.seed_dropout(step)
         with self.acc.autocast():
             per_sample = self.loss(self.model, x0, t, noise)
+        return self.finish_step(per_sample, t)
+
+    def finish_step(self, per_sample: torch.Tensor, t: torch.Tensor, *, backward=True) -> StepOut:
+        """The end of every step, alone or fused: the update (clip, skip-on-non-finite,
+        Adam; ``backward=False`` when the gradient is already in the flat buffer), the EMA,
+        and what the log window sums."""
         loss = per_sample.mean()
-        grad_norm, finite = self.optimizer.step(loss)
+        update = self.optimizer.step if backward else self.optimizer.update
+        grad_norm, finite = update(loss)
         self.ema.update(self.module)
         per_sample = per_sample.detach()
         mse = self.objective.unweighted(per_sample, t)

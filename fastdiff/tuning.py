@@ -103,6 +103,10 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32 only
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            # torch 2.11's group_norm fails on channels_last under jvp and vmap (a view
+            # of incompatible strides; is_contiguous NYI), and 2.11 is the GPU image's
+            x = x.contiguous()
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 

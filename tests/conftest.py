@@ -72,3 +72,12 @@ def train_cli(
     done = subprocess.run([*cmd, *overrides], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def table(schedule, weighting: str, gamma: float = 5.0, prediction: str = "eps", k=None):
+    """A run's weight table w(t) (T,) for ``schedule``, as fastdiff.objective builds it."""
+    from fastdiff.diffusion import snr
+    from fastdiff.weighting import weights
+
+    params = {"gamma": gamma, "k": k} if weighting != "uniform" else {}
+    return weights(snr(schedule.alphas_cumprod), weighting, prediction=prediction, **params)

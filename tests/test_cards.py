@@ -9,7 +9,7 @@ import yaml
 
 from fastdiff.cards import ConfigError, load_card, shipped
 from fastdiff.report import INCONCLUSIVE, PASS, evaluate
-from fastdiff.report.render import main as report_main
+from fastdiff.report_cli import main as report_main
 from tests.test_report import make_run
 
 ROOT = Path(__file__).resolve().parents[1]

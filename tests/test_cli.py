@@ -60,3 +60,69 @@ def test_env_names_what_a_bug_report_needs(capsys):
     out = capsys.readouterr().out
     for word in ("python", "torch", "triton", "cpu", "cuda"):
         assert word in out
+
+
+def _runs(tmp_path, count):
+    from tests.test_report import make_run
+
+    arms = [("e9a", "uniform"), ("e9b", "minsnr")]
+    return [
+        str(make_run(tmp_path / "runs" / name, name, weighting, "cosine", final_fid=10.0).path)
+        for name, weighting in arms[:count]
+    ]
+
+
+def test_a_report_of_several_runs_goes_to_dot_report_not_into_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = _runs(tmp_path, 2)
+    for _ in range(2):  # and again, over its own earlier report
+        assert cli.main(["report", *runs]) == 0
+        assert (tmp_path / "report" / "REPORT.md").is_file()
+        assert not list((tmp_path / "runs").glob("*/report"))
+    assert cli.main(["report", *runs, "--out", "there"]) == 0
+    assert (tmp_path / "there" / "report.json").is_file()
+    assert "wrote report/REPORT.md" in capsys.readouterr().out
+
+
+def test_a_report_refuses_a_dot_report_that_is_not_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    runs = _runs(tmp_path, 2)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    assert cli.main(["report", *runs]) == 2
+    err = capsys.readouterr().err
+    assert "pass --out DIR" in err and err.count("\n") == 1
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["notes.txt"]
+    assert cli.main(["report", *runs, "--out", "there"]) == 0  # --out never looks at ./report
+
+
+def test_a_report_of_one_run_is_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (run,) = _runs(tmp_path, 1)
+    assert cli.main(["report", run]) == 0
+    assert (tmp_path / "runs" / "e9a" / "report" / "REPORT.md").is_file()
+    assert not (tmp_path / "report").exists()
+
+
+def test_python_dash_m_fastdiff_report_is_the_report_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdiff.report", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m fastdiff.report")
+    assert "./report" in " ".join(done.stdout.split())
+
+
+def test_config_without_a_name_lists_the_experiments_and_their_files(capsys):
+    from fastdiff.config import EXPERIMENT_FILES, EXPERIMENTS
+
+    assert cli.main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, (desc, _) in EXPERIMENTS.items():
+        at = lines.index(next(line for line in lines if line.startswith(f"{name} ")))
+        assert lines[at].endswith(desc) and lines[at + 1].strip() == EXPERIMENT_FILES[name]

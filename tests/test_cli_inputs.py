@@ -18,7 +18,7 @@ from fastdiff.diffusion import Schedule
 from fastdiff.errors import ConfigError
 from fastdiff.eval import main as eval_main
 from fastdiff.fid import generate, random_inception_weights
-from fastdiff.report.render import main as report_main
+from fastdiff.report_cli import main as report_main
 from fastdiff.restore import load_run
 from fastdiff.rundir import find_checkpoint
 from fastdiff.trainer import training_loop

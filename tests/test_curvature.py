@@ -12,7 +12,7 @@ from fastdiff.data import load_images
 from fastdiff.diffusion import Schedule
 from fastdiff.objective import Objective
 from fastdiff.unet import build_model
-from tests.conftest import tiny
+from tests.conftest import table, tiny
 
 
 def test_diagonal_hessian_is_exact_for_every_rademacher_probe():
@@ -118,10 +118,10 @@ def test_probe_batch_is_shared_by_paired_runs_and_fixed_across_calls(tmp_path):
     for weighting in ("uniform", "minsnr"):
         cfg = _cfg(tmp_path, f"loss={weighting}")
         sched = Schedule.make(cfg.diffusion.beta_schedule, cfg.diffusion.T)
-        objective = Objective(sched.alphas_cumprod, sched.loss_weights(weighting, 5.0))
+        objective = Objective(sched.alphas_cumprod, table(sched, weighting))
         made[weighting] = RunProbes(images, cfg, objective, "cpu")
     a, b = made["uniform"].main, made["minsnr"].main
-    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.noise, b.noise)
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(a.target, b.target)
     model = build_model("unet_tiny", 16, 0.1, 8)
     torch.nn.init.normal_(model.out[1].weight, std=0.05)
     first, second = made["minsnr"](model), made["minsnr"](model)
@@ -136,7 +136,7 @@ def _probes(cfg, weighting="uniform"):
     return RunProbes(
         load_images("digits", None, 8),
         cfg,
-        Objective(sched.alphas_cumprod, sched.loss_weights(weighting, 5.0)),
+        Objective(sched.alphas_cumprod, table(sched, weighting)),
         "cpu",
     )
 
@@ -172,9 +172,8 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
         alone = CurvatureProbe(
             torch.zeros_like(p.x_t[rows]),  # x0: unused, x_t is set to the one pass's below
             p.t[rows],
-            p.noise[rows],
-            sched.alphas_cumprod.float(),
-            weights=sched.loss_weights("minsnr", 5.0),
+            p.target[rows],
+            objective=Objective(sched.alphas_cumprod.float(), table(sched, "minsnr")),
             probes=cfg.curvature.probes,
             seed=cfg.train.seed,
             method="jvp",
@@ -201,9 +200,8 @@ def test_bins_and_unweighted_trace_from_one_pass_equal_separate_passes(tmp_path)
         alone = CurvatureProbe(
             torch.zeros_like(p.x_t[b : b + 1]),
             p.t[b : b + 1],
-            p.noise[b : b + 1],
-            sched.alphas_cumprod.float(),
-            weights=sched.loss_weights("minsnr", 5.0),
+            p.target[b : b + 1],
+            objective=Objective(sched.alphas_cumprod.float(), table(sched, "minsnr")),
             probes=cfg.curvature.probes,
             seed=cfg.train.seed,
             method="jvp",
@@ -273,8 +271,8 @@ def test_minsnr_mean_weight_matches_the_issue_figures():
     ac = np.cumprod(1 - betas)
     s = ac / (1 - ac)
     assert np.mean(np.minimum(s, 5) / s) == pytest.approx(0.913, abs=1e-3)
-    got = Schedule.make("linear", 1000).loss_weights("minsnr", 5.0).mean().item()
+    got = table(Schedule.make("linear", 1000), "minsnr").mean().item()
     assert got == pytest.approx(np.mean(np.minimum(s, 5) / s), rel=1e-9)
-    assert Schedule.make("cosine", 1000).loss_weights("minsnr", 5.0).mean().item() == pytest.approx(
+    assert table(Schedule.make("cosine", 1000), "minsnr").mean().item() == pytest.approx(
         0.824, abs=1e-3
     )

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.diffusion import Schedule, eps_loss, loss_weight, make_betas, q_sample, snr
+from fastdiff.diffusion import Schedule, make_betas, q_sample, snr
+from fastdiff.objective import Objective
+from tests.conftest import table
 
 
 def test_linear_betas_match_ddpm_endpoints_and_spacing():
@@ -61,32 +63,9 @@ def test_snr_is_signal_over_noise():
     np.testing.assert_allclose(snr(ac).numpy(), [1.0, 4.0, 0.25])
 
 
-def test_minsnr_weight_values():
-    s = torch.tensor([0.5, 5.0, 20.0, 1000.0], dtype=torch.float64)
-    # min(SNR, 5)/SNR: below gamma -> 1; above -> 5/SNR.
-    np.testing.assert_allclose(loss_weight(s, "minsnr", 5.0).numpy(), [1.0, 1.0, 0.25, 0.005])
-    np.testing.assert_allclose(loss_weight(s, "uniform").numpy(), [1.0, 1.0, 1.0, 1.0])
-
-
-def test_minsnr_weight_at_zero_snr_is_one_and_finite():
-    w = loss_weight(torch.tensor([0.0, 1e-30]), "minsnr", 5.0)
-    assert torch.isfinite(w).all() and w.tolist() == [1.0, 1.0]
-
-
-@pytest.mark.parametrize("gamma", [0.0, -1.0])
-def test_minsnr_rejects_non_positive_gamma(gamma):
-    with pytest.raises(ValueError, match="gamma"):
-        loss_weight(torch.tensor([1.0]), "minsnr", gamma)
-
-
-def test_unknown_weighting_raises():
-    with pytest.raises(ValueError, match="weighting"):
-        loss_weight(torch.tensor([1.0]), "p2", 5.0)
-
-
 def test_minsnr_downweights_only_high_snr_timesteps_of_linear_schedule():
     sched = Schedule.make("linear", 1000)
-    w = sched.loss_weights("minsnr", 5.0)
+    w = table(sched, "minsnr")
     s = snr(sched.alphas_cumprod)
     assert torch.all(w[s <= 5] == 1) and torch.all(w[s > 5] < 1)
     assert (s > 5).sum() > 0 and (s <= 5).sum() > 0
@@ -105,21 +84,21 @@ def test_q_sample_formula():
     )
 
 
-def test_eps_loss_is_per_sample_weighted_mse():
-    # A "model" that always predicts zeros: the loss is w_t * mean(noise²).
+def test_objective_loss_is_per_sample_weighted_mse_of_the_target():
+    # A "model" that always predicts zeros: the loss is w_t · mean(target²).
     def model(x, t):
         return torch.zeros_like(x)
 
+    x0 = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), -1.0)])
     noise = torch.stack([torch.full((1, 2, 2), 2.0), torch.full((1, 2, 2), 3.0)])
     weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
     ac = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
-    loss = eps_loss(
-        model,
-        torch.zeros(2, 1, 2, 2),
-        torch.tensor([0, 2]),
-        noise,
-        alphas_cumprod=ac,
-        weights=weights,
-    )
-    assert loss.shape == (2,)
-    assert loss.tolist() == pytest.approx([0.5 * 4.0, 2.0 * 9.0])
+    t = torch.tensor([0, 2])
+    eps = Objective(ac, weights)(model, x0, t, noise)
+    assert eps.tolist() == pytest.approx([0.5 * 4.0, 2.0 * 9.0])
+    x0_ = Objective(ac, weights, prediction="x0")(model, x0, t, noise)
+    assert x0_.tolist() == pytest.approx([0.5 * 1.0, 2.0 * 1.0])
+    # v = √ᾱ ε − √(1−ᾱ) x0: sample 0 √.9·2 − √.1·1, sample 1 √.1·3 + √.9·1
+    v = Objective(ac, weights, prediction="v")(model, x0, t, noise)
+    v0, v1 = math.sqrt(0.9) * 2 - math.sqrt(0.1), math.sqrt(0.1) * 3 + math.sqrt(0.9)
+    assert v.tolist() == pytest.approx([0.5 * v0**2, 2.0 * v1**2], rel=1e-6)

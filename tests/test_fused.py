@@ -2,6 +2,7 @@
 standalone run (same batches, timesteps, noise, dropout masks and init)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -69,6 +70,24 @@ def test_fused_runs_match_their_standalone_runs(tmp_path, seeds):
         assert a == b or a == pytest.approx(b, rel=1e-3)
 
 
+def test_fused_arms_of_mixed_targets_families_and_snr_match_their_standalone_runs(tmp_path):
+    """One pass for arms that differ in prediction target, weighting family and SNR
+    definition: each arm's target and weights are its own, within 1e-4 in fp32."""
+    names = {
+        "v-ztsnr": ("e9a", "loss.prediction=v", "diffusion.zero_terminal_snr=true"),
+        "x0-p2": ("e9b", "loss.prediction=x0", "loss.weighting=p2", "loss.k=1", "loss.gamma=1"),
+        "eps-minsnr": ("e9b",),
+    }
+    cfgs = {n: arm(tmp_path / "fused", n, e, 1077, *x) for n, (e, *x) in names.items()}
+    FusedRuns(list(cfgs.values())).train()
+    for n, (e, *x) in names.items():
+        training_loop(arm(tmp_path / "alone", n, e, 1077, *x))
+        together, alone = losses(tmp_path / "fused" / n), losses(tmp_path / "alone" / n)
+        assert len(together) == STEPS and all(map(math.isfinite, together))
+        assert together == pytest.approx(alone, rel=1e-4), n
+    assert len({losses(tmp_path / "fused" / n)[0] for n in names}) == 3
+
+
 def test_runs_that_cannot_share_a_pass_are_one_line(tmp_path):
     a = arm(tmp_path, "a", "e9a", 1077)
     b = arm(tmp_path, "b", "e9b", 1077, "train.batch_size=8")
@@ -80,17 +99,17 @@ def test_a_diverging_run_stops_alone(tmp_path, monkeypatch):
     """train.on_nonfinite=stop ends the run that went non-finite; the other trains on."""
     import fastdiff.objective as objective_mod
 
-    real = objective_mod.eps_mse
+    real = objective_mod.weighted_mse
     calls = []
 
-    def poisoned(eps, noise, weight):
+    def poisoned(out, target, weight):
         # a step calls it for e9a, then e9b: e9b's 3rd and 4th steps are NaN; at the log
         # after its 4th step e9b stops, and e9a alone calls it from then on
         calls.append(1)
-        out = real(eps, noise, weight)
-        return out * float("nan") if len(calls) in (6, 8) else out
+        loss = real(out, target, weight)
+        return loss * float("nan") if len(calls) in (6, 8) else loss
 
-    monkeypatch.setattr(objective_mod, "eps_mse", poisoned)
+    monkeypatch.setattr(objective_mod, "weighted_mse", poisoned)
     runs = FusedRuns(
         [
             arm(tmp_path, "a", "e9a", 1077, "train.log_every=2"),

@@ -23,6 +23,8 @@ from fastdiff.kernels import (
 from fastdiff.kernels.groupnorm_silu import group_norm_silu_fwd_triton
 from fastdiff.kernels.weighted_mse import weighted_mse_fwd_triton
 from fastdiff.unet import build_model
+from fastdiff.weighting import FAMILIES
+from tests.conftest import table
 
 # Per-dtype tolerances, in one place (fp32 on the interpreter; half types on a GPU).
 TOL = {
@@ -121,20 +123,28 @@ def test_group_norm_silu_rejects_bad_groups():
 MSE_SHAPES = [(1, 3, 4, 4), (5, 3, 7, 9), (2, 3, 32, 32)]  # the last spans several blocks
 
 
-@pytest.mark.parametrize("shape", MSE_SHAPES)
-@pytest.mark.parametrize("weighting", ["uniform", "minsnr"])
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+# Every family the registry has runs fused (the kernel reads its table): each on the
+# smallest shape, and Min-SNR on every shape, schedule and layout
+CASES = [(MSE_SHAPES[0], f, "cosine", "nchw") for f in sorted(FAMILIES)] + [
+    (shape, "minsnr", schedule, layout)
+    for shape in MSE_SHAPES
+    for schedule in ("linear", "cosine")
+    for layout in ("nchw", "channels_last")
+]
+
+
+@pytest.mark.parametrize("shape, weighting, schedule, layout", CASES)
 def test_weighted_mse_forward_and_backward(shape, weighting, schedule, layout):
-    ac = Schedule.make(schedule, 1000).alphas_cumprod.float()
+    prediction = "v" if weighting in ("maxsnr", "debiased") else "eps"
+    w = table(Schedule.make(schedule, 1000), weighting, prediction=prediction, k=1.0).float()
     B = shape[0]
     t = torch.tensor([0, 999, 1, 500, 250][:B])  # both ends of the schedule: SNR huge / ~0
     pred, target = torch.randn(shape), torch.randn(shape)  # the noise stays NCHW in training
     if layout == "channels_last":
         pred = pred.contiguous(memory_format=torch.channels_last)
     p1, p2 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    loss = weighted_mse(p1, target, t, ac, 5.0, weighting)
-    ref = weighted_mse_reference(p2, target, t, ac, 5.0, weighting)
+    loss = weighted_mse(p1, target, t, w)
+    ref = weighted_mse_reference(p2, target, t, w)
     assert loss.shape == (B,) and loss.dtype == torch.float32
     check(loss, ref, torch.float32, "loss")
     g = torch.randn(B)
@@ -145,22 +155,20 @@ def test_weighted_mse_forward_and_backward(shape, weighting, schedule, layout):
 
 
 def test_weighted_mse_value_computed_by_hand():
-    # ᾱ = 0.8 -> SNR 4 (< γ=5, weight 1); ᾱ = 0.95 -> SNR 19 (weight 5/19).
+    # sample 0 at t=2 (w 0.25), mean 1² = 1; sample 1 at t=0 (w 3), mean 2² = 4
     with torch.device(KERNEL_DEVICE):
-        ac = torch.tensor([0.8, 0.95])
+        w = torch.tensor([3.0, 7.0, 0.25])
         pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])
-        loss = weighted_mse_fwd_triton(
-            pred, torch.zeros_like(pred), torch.tensor([0, 1]), ac, 5.0, "minsnr"
-        )
-    assert loss.tolist() == pytest.approx([1.0, 4.0 * 5 / 19], rel=1e-6)
+        loss = weighted_mse_fwd_triton(pred, torch.zeros_like(pred), torch.tensor([2, 0]), w)
+    assert loss.tolist() == pytest.approx([0.25, 12.0], rel=1e-6)
 
 
 def test_weighted_mse_rejects_bad_arguments():
-    x = torch.zeros(1, 1, 2, 2)
-    with pytest.raises(ValueError, match="weighting"):
-        weighted_mse(x, x, torch.tensor([0]), torch.tensor([0.5]), 5.0, "p2")
-    with pytest.raises(ValueError, match="gamma"):
-        weighted_mse(x, x, torch.tensor([0]), torch.tensor([0.5]), 0.0, "minsnr")
+    x = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(ValueError, match="weight table"):
+        weighted_mse(x, x, torch.tensor([0, 1]), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="weight table"):
+        weighted_mse(x, x, torch.tensor([0]), torch.ones(4))
 
 
 def _unet_grads(kernels):
@@ -170,16 +178,11 @@ def _unet_grads(kernels):
         torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([3, 700])
-    ac = Schedule.make("linear", 1000).alphas_cumprod.float()
+    w = table(Schedule.make("linear", 1000), "minsnr").float()
     out = model(x, t)
     loss_fn = weighted_mse if kernels == "triton" else weighted_mse_reference
     loss_fn(
-        out,
-        torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
-        t,
-        ac,
-        5.0,
-        "minsnr",
+        out, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)), t, w
     ).sum().backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
 
@@ -217,12 +220,12 @@ def test_reference_only_switches_modules_to_plain_torch(monkeypatch):
 def test_compile_fullgraph_of_unet_and_loss_matches_eager():
     torch._dynamo.reset()
     model = build_model("unet_tiny", 8, 0.0, 8, "triton")
-    ac = Schedule.make("cosine", 1000).alphas_cumprod.float()
+    w = table(Schedule.make("cosine", 1000), "minsnr").float()
     x, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     t = torch.tensor([10, 900])
 
     def step(x, t, noise):
-        return weighted_mse(model(x, t), noise, t, ac, 5.0, "minsnr")
+        return weighted_mse(model(x, t), noise, t, w)
 
     eager = step(x, t, noise)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, t, noise)
@@ -242,15 +245,15 @@ def test_kernels_in_half_precision_on_gpu(dtype):
         dtype,
         "gn forward",
     )
-    ac = Schedule.make("linear", 1000).alphas_cumprod.float().cuda()
+    w = table(Schedule.make("linear", 1000), "minsnr").float().cuda()
     t = torch.randint(0, 1000, (4,), device="cuda")
     pred, target = (
         torch.randn(4, 3, 32, 32, device="cuda", dtype=dtype),
         torch.randn(4, 3, 32, 32, device="cuda", dtype=dtype),
     )
     check(
-        weighted_mse(pred, target, t, ac),
-        weighted_mse_reference(pred, target, t, ac, 5.0, "minsnr"),
+        weighted_mse(pred, target, t, w),
+        weighted_mse_reference(pred.float(), target.float(), t, w),
         dtype,
         "loss",
     )

@@ -53,13 +53,13 @@ def logged(run_dir: Path) -> dict[int, dict]:
 
 def fail_at(monkeypatch, call: int, effect) -> None:
     """Apply ``effect`` to the ``call``-th training loss (1-based), once."""
-    real, calls = objective_mod.eps_loss, []
+    real, calls = objective_mod.weighted_mse, []
 
     def hooked(*args):
         calls.append(1)
         return effect(real(*args)) if len(calls) == call else real(*args)
 
-    monkeypatch.setattr(objective_mod, "eps_loss", hooked)
+    monkeypatch.setattr(objective_mod, "weighted_mse", hooked)
 
 
 def die(out):
@@ -166,8 +166,8 @@ def test_a_checkpoint_without_the_open_window_still_resumes(tmp_path, monkeypatc
 
 
 def test_a_window_of_only_nonfinite_steps_logs_no_loss(tmp_path, monkeypatch):
-    real = objective_mod.eps_loss
-    monkeypatch.setattr(objective_mod, "eps_loss", lambda *args: real(*args) * float("nan"))
+    real = objective_mod.weighted_mse
+    monkeypatch.setattr(objective_mod, "weighted_mse", lambda *args: real(*args) * float("nan"))
     run_dir = tmp_path / "R"
     run(tmp_path, "train.total_steps=2", "train.on_nonfinite=skip", f"train.run_dir={run_dir}")
     (row,) = logged(run_dir).values()

@@ -114,7 +114,7 @@ def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
 
 
 def nan_at(monkeypatch, bad_call):
-    real = objective_mod.eps_loss
+    real = objective_mod.weighted_mse
     calls = []
 
     def poisoned(*args):
@@ -122,7 +122,7 @@ def nan_at(monkeypatch, bad_call):
         out = real(*args)
         return out * float("nan") if len(calls) == bad_call else out
 
-    monkeypatch.setattr(objective_mod, "eps_loss", poisoned)
+    monkeypatch.setattr(objective_mod, "weighted_mse", poisoned)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -1,9 +1,9 @@
-"""Respacing and the samplers, checked with an exact ε oracle."""
+"""Respacing and the samplers, checked with exact oracles (ε, x0 and v)."""
 
 import pytest
 import torch
 
-from fastdiff.diffusion import Schedule
+from fastdiff.diffusion import PREDICTIONS, Schedule, target, to_x0_eps
 from fastdiff.sampling import ddim_sample, ddpm_sample, respace, sample, to_uint8
 
 
@@ -185,13 +185,21 @@ def test_ddim_follows_its_deterministic_map_at_every_step(schedule):
     torch.testing.assert_close(out.double(), factor * x_T, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("variance", ["posterior", "beta"])
-def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, variance):
-    """sampling.ddpm_variance reaches the grid's DDPM sampler (and DDIM takes none), and
-    FID's generator hands its sampler the same options: one dispatch for both."""
-    from fastdiff.config import SamplingConfig
+@pytest.mark.parametrize(
+    "variance, prediction, spacing",
+    [("posterior", "eps", "linspace"), ("beta", "v", "trailing"), ("posterior", "x0", "trailing")],
+)
+def test_grids_sample_with_the_configured_options(
+    tmp_path, monkeypatch, variance, prediction, spacing
+):
+    """sampling.ddpm_variance reaches the grid's DDPM sampler (and DDIM takes none),
+    loss.prediction and sampling.spacing reach both, and FID's generator and FID job hand
+    their sampler the same options: one dispatch for all."""
+    from types import SimpleNamespace
+
+    from fastdiff.config import EvalConfig, SamplingConfig
     from fastdiff.fid import generate
-    from fastdiff.jobs import Grids
+    from fastdiff.jobs import FIDJob, Grids
     from fastdiff.sampling import SAMPLERS
 
     seen = []
@@ -204,10 +212,17 @@ def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, v
     monkeypatch.setitem(SAMPLERS, "ddim", spy)
     schedule = Schedule.make("linear", 10)
     reference = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    both = {"prediction": prediction, "spacing": spacing}
+    expected = [{"variance": variance, **both}, both]
     for sampler in ("ddpm", "ddim"):
-        cfg = SamplingConfig(grid_sampler=sampler, grid_images=4, ddpm_variance=variance)
-        Grids(tmp_path, cfg, schedule, (3, 8, 8), reference=reference)(1, torch.nn.Identity())
-    assert seen == [{"variance": variance}, {}]
+        cfg = SamplingConfig(
+            grid_sampler=sampler, grid_images=4, ddpm_variance=variance, spacing=spacing
+        )
+        grids = Grids(
+            tmp_path, cfg, schedule, (3, 8, 8), reference=reference, prediction=prediction
+        )
+        grids(1, torch.nn.Identity())
+    assert seen == expected
     seen.clear()
     model = torch.nn.Linear(1, 1)  # generate reads the device from the parameters
     for sampler in ("ddpm", "ddim"):
@@ -221,8 +236,28 @@ def test_grids_sample_with_the_configured_ddpm_variance(tmp_path, monkeypatch, v
             seed=0,
             batch_size=2,
             ddpm_variance=variance,
+            prediction=prediction,
+            spacing=spacing,
         )
-    assert seen == [{"variance": variance}, {}]
+    assert seen == expected
+    seen.clear()
+    # The training-time FID job: eval.sampler with the run's prediction and spacing (its
+    # DDPM takes the default σ², as before).
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=False)
+    acc.wait_for_everyone = lambda: None
+    for sampler in ("ddpm", "ddim"):
+        job = FIDJob(
+            None,
+            EvalConfig(sampler=sampler, nfe=2, batch_size=2),
+            acc,
+            None,
+            schedule=schedule,
+            shape=(3, 8, 8),
+            prediction=prediction,
+            spacing=spacing,
+        )
+        job._score(1, model, 2, "val/fid_milestone", final=False)
+    assert seen == [{"variance": "posterior", **both}, both]
 
 
 def test_a_bad_ddpm_variance_is_one_line(tmp_path):
@@ -231,3 +266,119 @@ def test_a_bad_ddpm_variance_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="sampling.ddpm_variance must be"):
         to_config(compose(tiny(tmp_path, "sampling.ddpm_variance=sigma")))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_to_x0_eps_inverts_the_training_target(prediction):
+    """(x̂0, ε̂) from the target a network is trained on, at x_t built here (DDPM eq. 4),
+    are the x0 and ε it was built from, down to ᾱ = 0 for v and x0 (zero terminal SNR)
+    and ᾱ → 1; the v target is checked against its definition too."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    levels = [0.0 if prediction != "eps" else 1e-4, 0.02, 0.3, 0.7, 0.95, 0.9999]
+    a = torch.tensor(levels, dtype=torch.float64).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    out = target(prediction, x0, noise, a)
+    if prediction == "v":  # Salimans & Ho 2022: v = α ε − σ x0, α = √ᾱ, σ = √(1−ᾱ)
+        torch.testing.assert_close(out, a.sqrt() * noise - (1 - a).sqrt() * x0)
+    x0_hat, eps_hat = to_x0_eps(prediction, out, x_t, a)
+    torch.testing.assert_close(x0_hat, x0, rtol=0, atol=1e-10)
+    torch.testing.assert_close(eps_hat, noise, rtol=0, atol=1e-10)
+    for i, level in enumerate(levels):  # ᾱ as a float, as the samplers pass it
+        x0_hat, eps_hat = to_x0_eps(prediction, out[i], x_t[i], level)
+        torch.testing.assert_close(x0_hat, x0[i], rtol=0, atol=1e-10)
+        torch.testing.assert_close(eps_hat, noise[i], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "T, nfe, expected",
+    [
+        # round(arange(T, 0, −T/K)) − 1, worked out by hand, ascending
+        (1000, 10, [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
+        (20, 3, [6, 12, 19]),  # 20, 13.33, 6.67 -> 20, 13, 7
+        (10, 4, [1, 4, 7, 9]),  # 10, 7.5, 5, 2.5 -> 10, 8, 5, 2 (ties to even)
+        (40, 7, [5, 10, 16, 22, 28, 33, 39]),  # 40, 34.29, 28.57, 22.86, 17.14, 11.43, 5.71
+        (7, 6, [0, 1, 3, 4, 5, 6]),  # 7, 5.83, 4.67, 3.5, 2.33, 1.17: the tie 3.5 -> 4
+        (1000, 1, [999]),
+        (5, 5, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_trailing_spacing_is_diffusers_formula(T, nfe, expected):
+    timesteps, ac = respace(Schedule.make("linear", T), nfe, spacing="trailing")
+    assert timesteps.tolist() == expected
+    torch.testing.assert_close(ac, Schedule.make("linear", T).alphas_cumprod[timesteps])
+
+
+def test_trailing_spacing_has_nfe_distinct_steps_ending_at_T_minus_1():
+    """Exact arithmetic: K steps for every K (diffusers' float arange has K+1 for some,
+    the last at t = −1), starting at T−1 and stepping back by T/K rounded."""
+    T = 1000
+    for nfe in [*range(1, 130), *range(130, T + 1, 7), T]:
+        timesteps, _ = respace(Schedule.make("linear", T), nfe, spacing="trailing")
+        assert len(timesteps) == nfe and timesteps[-1].item() == T - 1
+        gaps = torch.diff(timesteps).double()
+        assert timesteps[0].item() >= 0 and bool((gaps > 0).all())
+        assert bool(((gaps - T / nfe).abs() <= 1).all())
+
+
+def test_unknown_spacing_and_prediction_raise():
+    sched = Schedule.make("linear", 10)
+    with pytest.raises(ValueError, match="spacing"):
+        respace(sched, 5, spacing="leading")
+    with pytest.raises(ValueError, match="prediction"):
+        ddim_sample(None, (1, 1, 2, 2), sched, 5, generator=torch.Generator(), prediction="score")
+
+
+class PointMass(torch.nn.Module):
+    """The exact ``prediction`` network for data at a single point x*: ε = (x_t − √ᾱ x*)/√(1−ᾱ),
+    and x0 = x*, v = √ᾱ ε − √(1−ᾱ) x* from it. Defined at ᾱ = 0 too (ε = x_t, v = −x*)."""
+
+    def __init__(self, point, alphas_cumprod, prediction):
+        super().__init__()
+        self.register_buffer("point", point)
+        self.ac, self.prediction = alphas_cumprod.double(), prediction
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t[0].item())
+        a = self.ac[t].view(-1, 1, 1, 1).float()
+        eps = (x - a.sqrt() * self.point) / (1 - a).sqrt()
+        return target(self.prediction, self.point.expand_as(x), eps, a)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize(
+    "name, variance", [("ddim", None), ("ddpm", "posterior"), ("ddpm", "beta")]
+)
+def test_zero_terminal_snr_samples_are_finite_and_right(name, variance, prediction, spacing):
+    """ᾱ_{T−1} = 0: the first step's x_t is pure noise and x̂0 = −v or the x0 output, no
+    division by √ᾱ. A v- or x0-model's samples are finite and, for a point mass, the point."""
+    sched = Schedule.make("linear", 1000, zero_terminal_snr=True)
+    assert sched.alphas_cumprod[-1].item() == 0.0
+    point = torch.linspace(-0.8, 0.8, 3 * 4 * 4).view(1, 3, 4, 4)
+    model = PointMass(point, sched.alphas_cumprod, prediction)
+    options = {"ddpm_variance": variance} if variance else {}
+    x = sample(
+        name,
+        model,
+        (3, 3, 4, 4),
+        sched,
+        nfe=10,
+        generator=torch.Generator().manual_seed(0),
+        prediction=prediction,
+        spacing=spacing,
+        **options,
+    )
+    assert model.seen[0] == 999 and len(model.seen) == 10
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(x, point.expand(3, -1, -1, -1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_an_eps_model_cannot_sample_zero_terminal_snr(name):
+    sched = Schedule.make("linear", 100, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        sample(name, None, (1, 1, 2, 2), sched, nfe=5, generator=torch.Generator())

@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastdiff.curvature import CurvatureProbe
 from fastdiff.flat import flatten_
+from fastdiff.objective import Objective
 from fastdiff.taylor import (
     Jet,
     conv2d,
@@ -144,23 +145,29 @@ def test_unet_vhv_equals_double_backward(channels_last):
         expected.append(sum((h * vs[k][i]).sum() for h, k in zip(hv, params)))
 
     detached = {k: p.detach() for k, p in params.items()}
-    got = vmap(lambda v: vhv_taylor(model, detached, v, x_t, t=t, noise=noise, weight=weight))(vs)
+    got = vmap(lambda v: vhv_taylor(model, detached, v, x_t, t=t, target=noise, weight=weight))(vs)
     torch.testing.assert_close(got, torch.stack(expected).detach(), rtol=1e-8, atol=1e-8)
 
 
-def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp():
-    """On the model as the trainer holds it: channels_last, parameters in a flat buffer."""
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp(prediction):
+    """On the model as the trainer holds it: channels_last, parameters in a flat buffer;
+    per sample, for every prediction target (the residual is out − target either way)."""
     model = _model().float().to(memory_format=torch.channels_last)
     flatten_(model)
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
     ac = torch.linspace(0.999, 0.01, 1000)
-    args = (x0, torch.tensor([10, 700]), noise, ac)
-    kw = {"weights": torch.rand(1000) + 0.5, "probes": 6, "seed": 0}
+    args = (x0, torch.tensor([10, 700]), noise)
+    objective = Objective(ac, torch.rand(1000) + 0.5, prediction=prediction)
+    kw = {"objective": objective, "probes": 6, "seed": 0}
     taylor = CurvatureProbe(*args, **kw, method="auto")
     jvp_ = CurvatureProbe(*args, **kw, method="jvp")
     assert taylor._taylor(model) and not jvp_._taylor(model)
+    assert torch.equal(taylor.target, objective.target(x0, noise, torch.tensor([10, 700])))
     a, b = taylor.trace(model), jvp_.trace(model)
     torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-3)
+    per_a, per_b = taylor.per_sample(model), jvp_.per_sample(model)
+    torch.testing.assert_close(per_a, per_b, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="curvature.method=jvp"):
         CurvatureProbe(*args, **kw, method="taylor").trace(torch.nn.Linear(2, 2))

@@ -159,16 +159,15 @@ class CurvatureProbe:
         x0: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        alphas_cumprod: torch.Tensor,
-        weights: torch.Tensor,
+        *,
+        objective: Objective,
         probes: int,
         seed: int,
         chunk_size: int | None = None,
         method: str = "auto",
     ):
-        objective = Objective(alphas_cumprod, weights.to(x0.device))
         self.x_t = objective.noised(x0, t, noise)
-        self.t, self.noise = t, noise
+        self.t, self.target = t, objective.target(x0, noise, t)
         self.weight = objective.weight(t).float()
         self.probes, self.seed, self.method = probes, seed, method
         self._chunk_size = chunk_size
@@ -218,7 +217,9 @@ class CurvatureProbe:
         Taylor mode gets all B from one pass; the jvp path pays one pass per sample."""
         with self._exact(model):
             if self._taylor(model):
-                fn = partial(vhv_taylor_per_sample, model, x_t=self.x_t, t=self.t, noise=self.noise)
+                fn = partial(
+                    vhv_taylor_per_sample, model, x_t=self.x_t, t=self.t, target=self.target
+                )
                 return self._hutchinson(model, taylor=True, vhv_fn=fn)
             one = torch.ones(1, device=self.x_t.device)
             columns = []
@@ -227,8 +228,8 @@ class CurvatureProbe:
 
                 def loss_fn(params, rows=rows):
                     f = partial(functional_call, model, params)
-                    x_t, t, noise = self.x_t[rows], self.t[rows], self.noise[rows]
-                    return Objective.of_noised(lambda *a: f(a), x_t, t, noise, one).mean()
+                    x_t, t, y = self.x_t[rows], self.t[rows], self.target[rows]
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, one).mean()
 
                 columns.append(self._hutchinson(model, taylor=False, loss_fn=loss_fn))
             return torch.stack(columns, 1)
@@ -239,15 +240,15 @@ class CurvatureProbe:
         with self._exact(model):
             if self._taylor(model):
                 fn = partial(
-                    vhv_taylor, model, x_t=self.x_t, t=self.t, noise=self.noise, weight=weight
+                    vhv_taylor, model, x_t=self.x_t, t=self.t, target=self.target, weight=weight
                 )
                 values = self._hutchinson(model, taylor=True, vhv_fn=fn)
             else:
 
                 def loss_fn(params):
                     f = partial(functional_call, model, params)
-                    x_t, t, noise = self.x_t, self.t, self.noise
-                    return Objective.of_noised(lambda *a: f(a), x_t, t, noise, weight).mean()
+                    x_t, t, y = self.x_t, self.t, self.target
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, weight).mean()
 
                 values = self._hutchinson(model, taylor=False, loss_fn=loss_fn)
         std = values.std().item() if len(values) > 1 else 0.0
@@ -314,8 +315,7 @@ class RunProbes:
             x0.to(device),
             t.to(device),
             noise.to(device),
-            objective.alphas_cumprod,
-            weights=objective.weights,
+            objective=objective,
             probes=c.probes,
             seed=seed,
             chunk_size=c.chunk_size,

@@ -13,12 +13,14 @@ backward or forward-mode AD (the Hutchinson probe): the kernels define neither.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 
 import torch
 
-_REFERENCE_ONLY = contextvars.ContextVar("fastdiff_kernels_reference_only", default=False)
+# A thread's flag, not a ContextVar: torch 2.11's Dynamo (the GPU image's) cannot trace
+# ContextVar.get, and the UNet reads this inside the compiled step
+_REFERENCE_ONLY = threading.local()
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -30,7 +32,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def kernels_allowed() -> bool:
     """False inside ``reference_only()``: modules should take their plain-torch path."""
-    return not _REFERENCE_ONLY.get()
+    return not getattr(_REFERENCE_ONLY, "on", False)
 
 
 def like_fake(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -43,11 +45,12 @@ def like_fake(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def reference_only():
-    token = _REFERENCE_ONLY.set(True)
+    was = getattr(_REFERENCE_ONLY, "on", False)
+    _REFERENCE_ONLY.on = True
     try:
         yield
     finally:
-        _REFERENCE_ONLY.reset(token)
+        _REFERENCE_ONLY.on = was
 
 
 from fastdiff.kernels.groupnorm_silu import (  # noqa: E402

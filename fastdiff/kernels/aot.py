@@ -37,16 +37,13 @@ def variants():
     wm = importlib.import_module("fastdiff.kernels.weighted_mse")
     gn = importlib.import_module("fastdiff.kernels.groupnorm_silu")
     out = []
-    for act, minsnr in itertools.product(ACTIVATIONS, (False, True)):
-        scalars = {"N": "i32", "gamma": "fp32"}
-        common = {"pred_ptr": f"*{act}", "target_ptr": "*fp32", "t_ptr": "*i64", "ac_ptr": "*fp32"}
-        const = {"MINSNR": minsnr, "BLOCK": wm.BLOCK}
-        fwd = {**common, "partial_ptr": "*fp32", "N": "i32", "CHUNKS": "i32", "gamma": "fp32"}
-        bwd = {"grad_out_ptr": "*fp32", **common, "grad_pred_ptr": f"*{act}", **scalars}
+    for act in ACTIVATIONS:
+        common = {"pred_ptr": f"*{act}", "target_ptr": "*fp32", "t_ptr": "*i64", "w_ptr": "*fp32"}
+        const = {"BLOCK": wm.BLOCK}
+        fwd = {**common, "partial_ptr": "*fp32", "N": "i32", "CHUNKS": "i32"}
+        bwd = {"grad_out_ptr": "*fp32", **common, "grad_pred_ptr": f"*{act}", "N": "i32"}
         for kernel, sig in ((wm._fwd_kernel, fwd), (wm._bwd_kernel, bwd)):
-            out.append(
-                (f"weighted_mse {kernel.__name__} {act} minsnr={minsnr}", kernel, sig, const)
-            )
+            out.append((f"weighted_mse {kernel.__name__} {act}", kernel, sig, const))
     blocks = sorted({gn._launch_config(hw)["BLOCK"] for hw in _unet_plane_sizes()})
     ints = {k: "i32" for k in ("C", "HW", "CPG", "stride_b", "stride_c", "stride_hw")}
     stats = {"mean_ptr": "*fp32", "rstd_ptr": "*fp32"}

@@ -76,7 +76,7 @@ def ar1(rng, n: int, rho: float, sd: float) -> np.ndarray:
 def _config(name: str, weighting: str, schedule: str, seed: int) -> dict:
     return {
         "experiment": name,
-        "loss": {"weighting": weighting, "minsnr_gamma": 5.0},
+        "loss": {"weighting": weighting, "gamma": 5.0},
         "diffusion": {"beta_schedule": schedule},
         "train": {"total_steps": 10_000, "seed": seed},
     }

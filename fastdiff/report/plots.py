@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdiff.diffusion import Schedule, snr
 from fastdiff.report.criteria import (
     paired_steps,
     stderr_key,
@@ -99,9 +98,8 @@ def loss_by_t(runs: list[Run]):
     if not names:
         return None
     run = runs[0]
-    sched = Schedule.make(run.schedule, int(run.config.get("diffusion", {}).get("T", 1000)))
     mid = [(int(lo) + int(hi)) // 2 for lo, hi in (n[1:].split("-") for n in names)]
-    lsnr = np.log(snr(sched.alphas_cumprod[mid]).numpy())
+    lsnr = run.weight_table()[0][mid]
     weighted = [np.mean([r[prefix_w + n] for r in rows]) for n in names]
     unweighted = [np.mean([r[prefix_u + n] for r in rows]) for n in names]
     return rows[0]["step"], lsnr, weighted, unweighted
@@ -198,24 +196,25 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
         save(fig, "loss_by_snr.png")
 
     # w(t) is a function of SNR alone; what the schedule changes is how many timesteps
-    # sit at each SNR, so: w against t, and log-SNR against t with the γ line.
+    # sit at each SNR, so: each arm's w(t) against t, and log-SNR against t with γ lines.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    gammas = sorted({r.gamma for r in runs if r.weighting == "minsnr"}) or [5.0]
+    setups = {}
+    for r in runs:  # one curve per distinct objective, whatever family it is
+        setups.setdefault((r.schedule_label, r.objective), r)
     t = np.arange(1000)
-    for schedule, style in (("linear", "-"), ("cosine", "--")):
-        sched = Schedule.make(schedule, 1000)
-        lsnr = np.log(snr(sched.alphas_cumprod).numpy())
-        for gamma in gammas:
-            w = sched.loss_weights("minsnr", gamma).numpy()
-            share = float((w < 1).mean())
-            axes[0].plot(
-                t, w, style, label=f"Min-SNR γ={gamma:g}, {schedule} β ({share:.0%} of t below 1)"
-            )
-        axes[1].plot(t, lsnr, style, label=f"{schedule} β")
-    for gamma in gammas:
+    schedules = {}
+    for (schedule, objective), r in setups.items():
+        lsnr, w = r.weight_table()
+        t = np.arange(len(w))
+        share = float((w < 1).mean())
+        axes[0].plot(t, w, label=f"{objective}, {schedule} ({share:.0%} of t below 1)")
+        schedules.setdefault(schedule, lsnr)
+    for schedule, lsnr in schedules.items():
+        axes[1].plot(t, np.where(np.isfinite(lsnr), lsnr, np.nan), label=schedule)
+    for gamma in sorted({r.gamma for r in runs if r.gamma is not None}):
         axes[1].axhline(np.log(gamma), color="0.4", lw=0.8, label=f"log γ = log {gamma:g}")
-    axes[0].axhline(1.0, color="0.6", lw=0.8, label="uniform")
-    axes[0].set(title="loss weight w(t)", xlabel="timestep t", ylabel="w(t)")
+    axes[0].set(title="loss weight w(t) on each arm's own MSE", xlabel="timestep t", ylabel="w(t)")
+    axes[0].set_yscale("log")
     axes[1].set(
         title="log-SNR(t): Min-SNR lowers the weight above the γ line",
         xlabel="timestep t",

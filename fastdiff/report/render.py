@@ -1,4 +1,4 @@
-"""REPORT.md, report.html and report.json, and the command line."""
+"""REPORT.md, report.html and report.json (the command line is fastdiff.report_cli)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from fastdiff.cards import detect_card, load_card
-from fastdiff.errors import ConfigError, Parser, fail
 from fastdiff.report.criteria import (
     EXTRA,
     Criterion,
@@ -21,7 +20,7 @@ from fastdiff.report.runs import (
     TRACE,
     Run,
     differing,
-    flatten,
+    settings,
 )
 from fastdiff.stats import (
     FAIL,
@@ -37,14 +36,21 @@ def arm_labels(runs: list[Run]) -> dict[Path, str]:
     diff = differing(runs, {"train.seed"})
     labels = {}
     for run in runs:
-        flat = flatten(run.config)
+        flat = settings(run.config)
         extra = ", ".join(f"{k}={flat.get(k)}" for k in diff if k not in SHOWN)
         labels[run.path] = run.label + (f" [{extra}]" if extra else "")
     return labels
 
 
 # Keys Run.label already shows.
-SHOWN = {"loss.weighting", "loss.minsnr_gamma", "diffusion.beta_schedule"}
+SHOWN = {
+    "loss.prediction",
+    "loss.weighting",
+    "loss.gamma",
+    "loss.k",
+    "diffusion.beta_schedule",
+    "diffusion.zero_terminal_snr",
+}
 
 
 def card_table(runs: list[Run]) -> str:
@@ -160,22 +166,6 @@ def _row(c: Criterion, figures: list[str]) -> str:
     return f"| {name} | {pair} | {ICON[c.status]} | {detail} | {figure} |"
 
 
-def _inputs(paths: list[Path], card_arg: str | None):
-    """(card, runs, default output folder): a study folder holds its card and its runs."""
-    if len(paths) == 1 and (paths[0] / "card.yaml").is_file():
-        root = paths[0]
-        card = load_card(card_arg or root / "card.yaml")
-        runs = [Run.load(p.parent) for p in sorted(root.glob("*/seed*/metrics.jsonl"))]
-        if not runs:
-            raise FileNotFoundError(f"{root} holds a card but no runs yet")
-        return card, runs, root / "report"
-    for path in paths:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist: pass run directories")
-    runs = [Run.load(p) for p in paths]
-    return (load_card(card_arg) if card_arg else None), runs, runs[0].path / "report"
-
-
 def _html(md: str, out: Path, figures: list[str]) -> str:
     """report.html: REPORT.md through Python-Markdown (tables, code spans), one
     self-contained file with the figures inlined as data URIs."""
@@ -191,25 +181,3 @@ def _html(md: str, out: Path, figures: list[str]) -> str:
         "img{max-width:100%}code{background:#f4f4f4;padding:0 2px}"
     )
     return f"<!doctype html><meta charset='utf-8'><style>{style}</style>\n{body}\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        prog="python -m fastdiff.report",
-        description="Plots, criteria and verdicts for a card's runs.",
-    )
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories, or one study folder")
-    parser.add_argument(
-        "--card",
-        help="a card's name or file (default: a study folder's card.yaml, else the shipped "
-        "card whose arms all have runs)",
-    )
-    parser.add_argument("--out", type=Path, help="default: <study or first run>/report")
-    args = parser.parse_args(argv)
-    try:
-        card, runs, out = _inputs(args.runs, args.card)
-    except (FileNotFoundError, ConfigError) as err:
-        return fail(str(err))
-    path = write_report(runs, args.out or out, card)
-    print(f"wrote {path} and {path.with_name('report.html')}")
-    return 0

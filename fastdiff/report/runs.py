@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from fastdiff.diffusion import Schedule, snr
+from fastdiff.weighting import canonical_loss, weights
+
 CARD_STEPS = 10_000  # the cards' run length; criteria windows scale with shorter runs
 FID_MILESTONE, FID_FINAL = "val/fid_milestone/fid", "eval/final/fid"
 TRACE = "curvature/hutch_trace_mean"
@@ -51,10 +54,26 @@ def flatten(node: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+# Settings added since runs were first recorded, with the value a record without them had
+ADDED = {
+    "loss.prediction": "eps",
+    "diffusion.zero_terminal_snr": False,
+    "sampling.spacing": "linspace",
+}
+
+
+def settings(config: dict) -> dict[str, object]:
+    """A run's (or a card arm's) config as comparable flat settings: old names read as
+    the current ones, unused loss parameters None, settings added since given their
+    value then (so a record from before a rename or an addition compares equal)."""
+    flat = canonical_loss(flatten({k: v for k, v in config.items() if k != "defaults"}))
+    return ADDED | flat
+
+
 def differing(runs: list[Run], allowed: set[str] = frozenset()) -> dict[str, list]:
     """The config keys whose values differ between ``runs`` (beyond NOT_COMPARED and
     ``allowed``), each with every run's value."""
-    flat = [flatten({k: v for k, v in r.config.items() if k != "defaults"}) for r in runs]
+    flat = [settings(r.config) for r in runs]
     keys = sorted(set().union(*flat) - NOT_COMPARED - set(allowed))
     return {
         k: [f.get(k) for f in flat] for k in keys if any(f.get(k) != flat[0].get(k) for f in flat)
@@ -150,15 +169,52 @@ class Run:
         )
 
     @property
-    def gamma(self) -> float:
-        return float(self.config.get("loss", {}).get("minsnr_gamma", 5.0))
+    def loss(self) -> dict:
+        """The run's loss settings as fastdiff records them now (old key names read)."""
+        flat = {f"loss.{k}": v for k, v in self.config.get("loss", {}).items()}
+        out = canonical_loss(flat)
+        return {k[len("loss.") :]: v for k, v in out.items()} | {
+            "prediction": flat.get("loss.prediction", "eps")
+        }
+
+    @property
+    def gamma(self) -> float | None:
+        return self.loss.get("gamma")
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.config.get("diffusion", {}).get("zero_terminal_snr", False))
+
+    @property
+    def objective(self) -> str:
+        """The weighting family with its parameters, and the prediction when it is not ε."""
+        loss = self.loss
+        params = [f"{p}={loss[p]:g}" for p in ("gamma", "k") if loss.get(p) is not None]
+        w = self.weighting if self.weighting != "minsnr" else "Min-SNR"
+        if self.weighting != "uniform" and params:
+            w += " " + ", ".join(params).replace("gamma", "γ")
+        pred = loss["prediction"]
+        return w if pred == "eps" else f"{pred}-prediction, {w}"
+
+    @property
+    def schedule_label(self) -> str:
+        return f"{self.schedule} β" + (", zero terminal SNR" if self.zero_terminal_snr else "")
+
+    def weight_table(self):
+        """(log-SNR (T,), w(t) (T,)): the weight on this run's own MSE at each timestep."""
+        d = self.config.get("diffusion", {})
+        sched = Schedule.make(
+            self.schedule, int(d.get("T", 1000)), zero_terminal_snr=self.zero_terminal_snr
+        )
+        s = snr(sched.alphas_cumprod)
+        loss = self.loss
+        params = {p: loss.get(p) for p in ("gamma", "k")}
+        w = weights(s, self.weighting, prediction=loss["prediction"], **params)
+        return s.log().numpy(), w.numpy()
 
     @property
     def label(self) -> str:
-        w = self.weighting
-        if w == "minsnr":
-            w = f"Min-SNR γ={self.config.get('loss', {}).get('minsnr_gamma', '?'):g}"
-        return f"{self.name} ({self.schedule} β, {w})"
+        return f"{self.name} ({self.schedule_label}, {self.objective})"
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of ``key``; a value logged as missing (null) is NaN."""
