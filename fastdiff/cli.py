@@ -51,7 +51,7 @@ COMMANDS = {
     "config": ("fastdiff.cli", "print an experiment's resolved config", "fastdiff config e9b"),
     "cards": ("fastdiff.cli", "list the shipped experiment cards", "fastdiff cards"),
     "calibrate": (
-        "fastdiff.report.calibration",
+        "fastdiff.calibrate_cli",
         "the verdicts' error rates on simulated studies",
         "fastdiff calibrate --reps 200",
     ),
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     errors.PROG = f"fastdiff {name}"
     try:
         return importlib.import_module(COMMANDS[name][0]).main(rest)
+    except BrokenPipeError:  # `fastdiff calibrate | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         errors.PROG = None
 

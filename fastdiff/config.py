@@ -82,7 +82,7 @@ class TrainConfig:
     preempt_check_every: int = 10  # steps between ranks agreeing on a stop signal
     compile: bool | None = None  # None: on for CUDA, off on CPU (slower there, see README)
     compile_backend: str = "inductor"
-    # CPU: glibc keeps freed memory for reuse (fastdiff.tuning; 1.65x at batch 128)
+    # CPU: glibc keeps freed memory for reuse (fastdiff.tuning: faster at large batches)
     reuse_host_memory: bool = True
     resume: str | None = None  # a checkpoint file, a run dir (its latest), or "auto"
     # A new run from another checkpoint's weights (model + EMA), e.g. to fine-tune under
@@ -104,7 +104,8 @@ class DataConfig:
     image_size: int = 32
     hflip: bool = False
     # WebDataset loader processes. None: one per core left after the trainer, at most 4
-    # (measured on 2 cores: 1 worker 8.4k img/s, 2 workers 5.5-6.6k, oversubscribed).
+    # (workers beyond the free cores oversubscribe the CPU and measured slower on 2 cores:
+    # docs/performance.md#measurements-behind-choices-in-the-code).
     workers: int | None = None
     shuffle_buffer: int = 2000
 
@@ -138,7 +139,8 @@ class FIDConfig:
     cache_dir: str | None = None  # reference statistics cache (default ~/.cache/fastdiff/fid)
     reference_limit: int | None = None  # use only the first N reference images (tests)
     # Bootstrap resamples of the final FID over its samples (its 95% interval); 0: none.
-    # Each is one eigendecomposition of a 2048x2048 matrix (~1 s on 2 CPU cores).
+    # Each is one eigendecomposition of a 2048x2048 matrix, which is not free on a CPU
+    # (docs/performance.md#measurements-behind-choices-in-the-code).
     bootstrap: int = 100
 
 
@@ -158,8 +160,9 @@ class EvalConfig:
 class CurvatureConfig:
     enabled: bool = False
     probes: int = 16
-    # Probe samples, one timestep per equal-width stratum of [0, T). 8: 12.6 s per probe on
-    # unet_cifar32 (2-core AMD EPYC), ~10% of the 500 batch-4 AMP steps between probes.
+    # Probe samples, one timestep per equal-width stratum of [0, T). 8 keeps a probe of
+    # unet_cifar32 a small share of the training time between probes on a CPU
+    # (docs/performance.md#measurements-behind-choices-in-the-code).
     batch_size: int = 8
     every: int | None = None  # default: train.log_every
     # Per-timestep-bin traces (curvature/hutch/t{lo}-{hi}/...) from the same pass; must

@@ -411,7 +411,8 @@ class FIDEvaluator:
         ref_feats, ref_stats = self._reference()
         # The Fréchet distance from eigendecompositions of symmetric matrices (fastdiff.
         # stats) rather than scipy's sqrtm of the non-symmetric Σ Σ_ref: the same value
-        # (tested against sqrtm), and at D=2048 on 2 CPU cores 0.8 s against 13 s.
+        # (tested against sqrtm), and much faster at D=2048 on a CPU
+        # (docs/performance.md#measurements-behind-choices-in-the-code).
         mu_ref, sigma_ref = (np.asarray(ref_stats[k], np.float64) for k in ("mu", "sigma"))
         root, tr_ref = self._root(sigma_ref), float(np.trace(sigma_ref))
         out = {"fid": frechet_from_features(feats.double().numpy(), mu_ref, root, tr_ref)}

@@ -58,7 +58,7 @@ HEADROOM = 0.9  # of the free memory: the allocator's slack and the backward's t
 
 def probe_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     m = cfg.model
-    model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, m.kernels)
+    model = build_model(m.name, m.base_channels, m.dropout, cfg.data.image_size, kernels=m.kernels)
     return model.to(device)
 
 
@@ -213,8 +213,9 @@ class FusedRuns:
 
     def _buffers(self, ts: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The (K, N) stacked weights and gradient, kept from step to step: a fresh
-        (K, N) buffer each step is fresh pages of memory each step, and on the 2-core
-        CPU zero-filling one (4 x 9M floats) cost 287 ms of an 870 ms K=4 step. The
+        (K, N) buffer each step is fresh pages of memory each step, and on a CPU
+        zero-filling one (4 x 9M floats) page-faulted through a large share of a K=4
+        step (docs/performance.md#measurements-behind-choices-in-the-code). The
         gradient's alignment gaps stay 0 from the one fill."""
         shape = (len(ts), ts[0].optimizer.flat.numel())
         if self._stacked is None or self._stacked.shape != shape:

@@ -90,7 +90,7 @@ class Objective:
         return weighted_mse(out, y, self.weight(t))
 
     @staticmethod
-    def of_noised(model, x_t, t, target, weight) -> torch.Tensor:
+    def of_noised(model, x_t, t, target, *, weight) -> torch.Tensor:
         """The per-sample loss at given x_t, target and weights: what the curvature probe
         differentiates (its x_t is fixed, its weights may be all ones)."""
         return weighted_mse(model(x_t, t), target, weight)

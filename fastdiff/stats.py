@@ -29,7 +29,8 @@ import numpy as np
 
 def _quantile(p: float, df: float | None = None) -> float:
     """The normal quantile, or Student's t with ``df`` degrees of freedom. scipy.stats
-    is imported here, not at the top: it costs ~1.2 s of start-up, and every training
+    is imported here, not at the top: importing it is a noticeable part of start-up
+    (docs/performance.md#measurements-behind-choices-in-the-code), and every training
     process imports this module (through fastdiff.fid)."""
     from scipy import stats
 

@@ -17,9 +17,10 @@ forward-over-reverse (``jvp`` of ``grad``) or PyHessian's double backward cost a
 probe dimension and runs once, convolutions fold the probes into the batch (x·w₀) or
 the output channels (x₀·w₁), and x₁·w₁ (both sides vary with the probe) has its own
 batching rule (:func:`probe_conv`). Series are kept channels_last per image, stored
-(K, B, H, W, C) under vmap, so every fold is a view: these convolutions run 2-4x
-faster channels_last on CPU, and vmap's defaults (a grouped convolution, NCHW cat)
-would copy between layouts at most layers.
+(K, B, H, W, C) under vmap, so every fold is a view: these convolutions run several
+times faster channels_last on CPU (docs/performance.md#measurements-behind-choices-in-the-code),
+and vmap's defaults (a grouped convolution, NCHW cat) would copy between layouts at
+most layers.
 
 This walks fastdiff's own UNet (``fastdiff.unet``) in eval mode (dropout off) with
 the torch reference ops; the general ``jvp(grad)`` path in :mod:`fastdiff.curvature`
@@ -135,7 +136,8 @@ def _probe_conv_batched(info, in_dims, x, w, stride, padding):
     into a channels_last-per-image (K, B, C, H, W) buffer that folds back into the
     batch as a view. vmap's own rule (one grouped convolution) moves x to (B, K·C, H, W)
     and returns (K, B, C, H, W) strided across probes: two copies per layer, which
-    made the whole probe ~8% slower (measured on unet_cifar32, 8 probes)."""
+    made the whole probe measurably slower (unet_cifar32, 8 probes;
+    docs/performance.md#measurements-behind-choices-in-the-code)."""
     K = info.batch_size
     x = x.expand(K, *x.shape) if in_dims[0] is None else x.movedim(in_dims[0], 0)
     w = w.expand(K, *w.shape) if in_dims[1] is None else w.movedim(in_dims[1], 0)

@@ -1,9 +1,9 @@
 """CPU tuning, in one place: what fastdiff does differently from the plain PyTorch
 of the same maths because it measured faster (or more exact) on the CPU.
 
-Each entry says what it replaces and the measurement behind it; the figures are from
-a 2-core CPU and rot (docs/performance.md has the machines). Everything here keeps
-the maths: the tests compare each against the plain version.
+Each entry says what it replaces and why; the figures behind each, which rot, are in
+docs/performance.md#measurements-behind-choices-in-the-code with their machines.
+Everything here keeps the maths: the tests compare each against the plain version.
 
 - :func:`amp_precision`: what ``train.amp`` means on this machine;
 - :func:`reuse_freed_memory`: glibc keeps freed host memory (applied by the entry points);
@@ -14,8 +14,9 @@ the maths: the tests compare each against the plain version.
 
 Elsewhere, because they are part of a structure rather than a layer: the flat
 parameter buffer (:mod:`fastdiff.flat`) and the UNet's stacked time projections
-(``UNet.temb_proj``: the 22 ResBlocks' time projections as one product, forward +
-backward 3.7 → 1.1 ms under bf16 autocast at batch 4).
+(``UNet.temb_proj``: the 22 ResBlocks' time projections as one product, faster forward
+and backward than 22 small ones under bf16 autocast, where each small product also casts
+its weight).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def amp_precision(amp: bool, cuda: bool) -> str:
     """What ``train.amp`` means on this machine, as accelerate's ``mixed_precision``:
     bf16 autocast on CUDA where supported, else fp16 with a grad scaler; on CPU bf16
     autocast where the CPU multiplies bf16 natively (AMX or AVX512-BF16: oneDNN's
-    bf16 convolutions are ~3x faster than fp32 ones there), else fp32, since emulated
+    bf16 convolutions are several times faster than fp32 ones there), else fp32, since emulated
     bf16 is slower than fp32."""
     if not amp:
         return "no"
@@ -58,16 +59,18 @@ def cpu_multiplies_bf16() -> bool:
 # fresh ``mmap`` pages and unmaps them on ``free``. PyTorch's CPU allocator goes straight
 # to malloc, so every large CPU tensor is new memory, and its first write page-faults
 # through it. At batch 128 the UNet's activations are 33-100 MB each: an add into a fresh
-# tensor took 8.9 ms against 1.5 ms into a reused one, and the whole training step 8.6 s
-# against 5.2 s (1.65x) once freed memory is reused. At batch 4 (1 MB activations, below
+# tensor is several times slower than into a reused one, and the whole training step is
+# much faster once freed memory is reused. At batch 4 (1 MB activations, below
 # the threshold) it makes no measurable difference.
 #
 # :func:`reuse_freed_memory` tells glibc to serve every request from its heap and never
 # trim it: freed blocks are reused by the next step. The price is memory: the process
 # keeps its peak footprint until it exits, and the heap fragments (large aligned blocks
 # do not always fit back into the holes they left). Measured: training at batch 128
-# holds 4.8 GB from the second step on, flat; DDIM sampling at batch 256 (1.5x faster)
-# holds 2.0 GB where it held 0.6 GB. ``train.reuse_host_memory=false`` turns it off.
+# holds its footprint flat from the second step on; DDIM sampling at large batches is
+# faster too and holds several times the memory it held before. The figures, with their
+# machine: docs/performance.md#measurements-behind-choices-in-the-code.
+# ``train.reuse_host_memory=false`` turns it off.
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
@@ -97,8 +100,9 @@ class GroupNorm32(nn.GroupNorm):
 
     CUDA's autocast already runs group_norm in fp32; CPU's leaves it in bf16, where
     the mixed-dtype channels_last kernel is slower and its statistics coarser: in the
-    ``unet_cifar32`` step at batch 4 under CPU bf16 autocast, GroupNorm forward and
-    backward took 42 ms per step in bf16 and 14 ms in fp32 (the whole step 176 → 161 ms).
+    ``unet_cifar32`` step at batch 4 under CPU bf16 autocast, GroupNorm's forward and
+    backward take a fraction of their bf16 time in fp32, and the whole step is faster
+    (docs/performance.md#measurements-behind-choices-in-the-code).
     An fp32 or fp64 input is used as it is."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +117,10 @@ class GroupNorm32(nn.GroupNorm):
 class Dropout(nn.Dropout):
     """Dropout whose CPU mask comes from 16-bit draws: four per 64-bit random word.
 
-    ``F.dropout`` on CPU spends ~0.9 ms per (4, 128, 16, 16) activation in the Bernoulli
-    sampler, 5% of a ``unet_cifar32`` training step at batch 4; drawing a quarter as many
-    int64 words and one compare cost ~0.3 ms. The drop probability is
+    ``F.dropout`` on CPU spends a visible share of a ``unet_cifar32`` training step at
+    batch 4 in its Bernoulli sampler; drawing a quarter as many int64 words and one
+    compare costs a fraction of that
+    (docs/performance.md#measurements-behind-choices-in-the-code). The drop probability is
     rounded to a multiple of 2⁻¹⁶ (0.1 → 0.100006) and the survivors scaled by the
     exact 1 / P(keep). CUDA keeps ``F.dropout`` (Philox, fused by the compiler).
     """

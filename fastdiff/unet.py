@@ -264,7 +264,7 @@ def _stack_block_projections(state: dict, prefix: str, *args) -> None:
 
 
 def build_model(
-    name: str, base_channels: int, dropout: float, image_size: int, kernels: str = "torch"
+    name: str, base_channels: int, dropout: float, image_size: int, *, kernels: str = "torch"
 ) -> UNet:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")

@@ -173,7 +173,7 @@ def test_weighted_mse_rejects_bad_arguments():
 
 def _unet_grads(kernels):
     torch.manual_seed(0)
-    model = build_model("unet_tiny", 16, 0.0, 8, kernels)
+    model = build_model("unet_tiny", 16, 0.0, 8, kernels=kernels)
     for p in model.parameters():  # leave the zero-init so every block matters
         torch.nn.init.normal_(p, std=0.05) if p.ndim > 1 else None
     x = torch.randn(2, 3, 8, 8)
@@ -207,7 +207,7 @@ def test_reference_only_switches_modules_to_plain_torch(monkeypatch):
     calls = []
     real = gn.group_norm_silu_fwd_triton
     monkeypatch.setattr(gn, "group_norm_silu_fwd_triton", lambda *a: calls.append(1) or real(*a))
-    model = build_model("unet_tiny", 16, 0.0, 8, "triton")
+    model = build_model("unet_tiny", 16, 0.0, 8, kernels="triton")
     x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
     model(x, t)
     n = len(calls)
@@ -219,7 +219,7 @@ def test_reference_only_switches_modules_to_plain_torch(monkeypatch):
 
 def test_compile_fullgraph_of_unet_and_loss_matches_eager():
     torch._dynamo.reset()
-    model = build_model("unet_tiny", 8, 0.0, 8, "triton")
+    model = build_model("unet_tiny", 8, 0.0, 8, kernels="triton")
     w = table(Schedule.make("cosine", 1000), "minsnr").float()
     x, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     t = torch.tensor([10, 900])

@@ -24,7 +24,7 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     for folder in ("fastdiff", "configs"):
         skip = shutil.ignore_patterns("__pycache__")
@@ -77,6 +77,7 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
         (["-m", "fastdiff.train", "e9b", "--cfg", "job"], "weighting: minsnr"),
         (["-m", "fastdiff.train", "--config", e9_yaml, "--cfg", "job"], "beta_schedule: cosine"),
         (["-m", "fastdiff.cli", "train", "quickstart", *TINY], "done"),
+        (["-m", "fastdiff.cli", "study", "e9", "data=digits", *TINY, *NO_PROBE], "report:"),
     ):
         run = subprocess.run(
             [sys.executable, *argv],
@@ -90,6 +91,7 @@ def test_the_wheel_holds_and_imports_every_module(tmp_path):
         assert says in run.stdout + run.stderr, argv
 
 
+NO_PROBE = ["model=unet_tiny", "curvature.enabled=false", "--launch", sys.executable]
 TINY = [
     "model.base_channels=16",
     "data.image_size=8",

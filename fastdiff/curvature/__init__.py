@@ -99,8 +99,9 @@ def rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _signs_(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Fill ``out`` with Rademacher signs, 64 per random int64 word (the 9M signs of the
-    UNet in 8 ms; ``randint(0, 2)`` then ``* 2 - 1`` take ~80 ms)."""
+    """Fill ``out`` with Rademacher signs, 64 per random int64 word: one random bit per
+    sign, an order of magnitude faster for the UNet's 9M signs than ``randint(0, 2)``
+    then ``* 2 - 1`` (docs/performance.md#measurements-behind-choices-in-the-code)."""
     n, device = out.numel(), generator.device
     if device not in _BITS:
         _BITS[device] = torch.arange(8, dtype=torch.uint8, device=device)
@@ -229,7 +230,7 @@ class CurvatureProbe:
                 def loss_fn(params, rows=rows):
                     f = partial(functional_call, model, params)
                     x_t, t, y = self.x_t[rows], self.t[rows], self.target[rows]
-                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, one).mean()
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, weight=one).mean()
 
                 columns.append(self._hutchinson(model, taylor=False, loss_fn=loss_fn))
             return torch.stack(columns, 1)
@@ -248,7 +249,7 @@ class CurvatureProbe:
                 def loss_fn(params):
                     f = partial(functional_call, model, params)
                     x_t, t, y = self.x_t, self.t, self.target
-                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, weight).mean()
+                    return Objective.of_noised(lambda *a: f(a), x_t, t, y, weight=weight).mean()
 
                 values = self._hutchinson(model, taylor=False, loss_fn=loss_fn)
         std = values.std().item() if len(values) > 1 else 0.0

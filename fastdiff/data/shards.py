@@ -71,7 +71,8 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def decode_png(data: bytes) -> torch.Tensor:
-    """PNG bytes -> uint8 (3, H, W), through libpng (torchvision), ~3x PIL's speed."""
+    """PNG bytes -> uint8 (3, H, W), through libpng (torchvision): faster than PIL
+    (docs/performance.md#measurements-behind-choices-in-the-code)."""
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_png as tv_decode_png
 
@@ -258,7 +259,8 @@ class StreamBatches:
     def close(self) -> None:
         """Stop the loader's workers now. Left to the garbage collector, an iterator in
         a reference cycle (a finished Trainer) was measured to hold up the first
-        collection after it by ~9 s per iterator."""
+        collection after it for long, per iterator
+        (docs/performance.md#measurements-behind-choices-in-the-code)."""
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -289,7 +291,8 @@ class StreamBatches:
     def _host_threads(self):
         """Scale and flip on one thread when the workers share this CPU: a 0.4 MB batch
         gains nothing from two OpenMP threads, and their spin-waits take the workers'
-        cores (measured on 2 cores, 2 workers: 10.8k -> 18.2k images/s)."""
+        cores: with one thread the loader measured faster on 2 cores with 2 workers
+        (docs/performance.md#measurements-behind-choices-in-the-code)."""
         if self.device.type != "cpu" or not self.loader.num_workers:
             yield
             return

@@ -1,6 +1,6 @@
 """Calibration of the report's verdicts: simulated paired studies with a known truth.
 
-    python -m fastdiff.report.calibration [--reps 200] [--seed 0] [--out docs/statistics.md]
+    fastdiff calibrate [--reps 200] [--seed 0]      (fastdiff/calibrate_cli.py)
 
 Each replicate draws a study of n seeds (n = 1, 2, 3, 5), builds the runs' logs in
 memory as the trainer writes them, and hands them to the report's own criterion
@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from fastdiff.cards import load_card
-from fastdiff.errors import Parser
 from fastdiff.report.criteria import (
     Criterion,
     curvature_reduction,
@@ -459,22 +458,3 @@ def table(cells: list[Cell]) -> str:
             f"| {pct(c.rate(c.pair_covered, c.pair_known))} |"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        prog="python -m fastdiff.report.calibration",
-        description="Wrong-verdict rates and coverage of the report's criteria on "
-        "simulated paired studies with a known truth.",
-    )
-    parser.add_argument("--reps", type=int, default=200, help="studies per cell")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.reps < 1:
-        parser.error(f"--reps must be >= 1, got {args.reps}")
-    print(table(calibrate(args.reps, args.seed)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
