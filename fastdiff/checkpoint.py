@@ -48,6 +48,7 @@ DEFINING = [
     "loss.gamma",
     "loss.k",
     "diffusion.zero_terminal_snr",
+    "sampling.spacing",  # not trained, but a card axis: one run's grids use one spacing
     "optim.name",
     "optim.lr",
     "optim.beta1",

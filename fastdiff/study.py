@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{' '.join(clash)} sets what the card's arms vary "
                 f"({', '.join(sorted(card.varied))}): change the arms in a copy of the card"
             )
-        for overrides in card.arms.values():
-            to_config(compose([*overrides, *args.overrides]))
+        for arm, overrides in card.arms.items():
+            try:
+                to_config(compose([*overrides, *args.overrides]))
+            except ConfigError as err:
+                raise ConfigError(f"arm {arm!r} of {card.name}: {err}") from None
         claim(root, card.name, args.overrides)
     except ConfigError as err:
         return fail(str(err))

@@ -26,7 +26,8 @@ experiments:
 overrides (Hydra syntax), e.g.:
   train.total_steps=200 train.batch_size=8 data=digits diffusion=cosine loss=minsnr
   loss.gamma=5 optim.lr=2e-4 train.resume=runs/e9b/20261121-101500
-groups: model=unet_cifar32|unet_tiny  diffusion=linear|cosine  loss=uniform|minsnr
+groups: model=unet_cifar32|unet_tiny  diffusion=linear|cosine
+        loss=uniform|minsnr|soft_minsnr|maxsnr|p2|debiased (loss.gamma, loss.k)
         data=digits|cifar10 (cifar10 needs data.path=cifar-10-python.tar.gz or its folder)
 
 options:

@@ -276,3 +276,20 @@ def test_minsnr_mean_weight_matches_the_issue_figures():
     assert table(Schedule.make("cosine", 1000), "minsnr").mean().item() == pytest.approx(
         0.824, abs=1e-3
     )
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_the_unweighted_trace_is_the_eps_mses_whatever_the_prediction(tmp_path, prediction):
+    """ε-MSE = m(t) · the target's MSE (m = ᾱ for v, SNR for x0), so the unweighted trace
+    is the per-sample traces weighted by m(t), computed here from ᾱ itself."""
+    cfg = _cfg(tmp_path, f"loss.prediction={prediction}", "diffusion=cosine")
+    probes = RunProbes(load_images("digits", None, 8), cfg, Objective.of(cfg, "cpu"), "cpu")
+    model = build_model("unet_tiny", 16, 0.1, 8)
+    torch.nn.init.normal_(model.out[1].weight, std=0.05)
+    got = probes(model)
+    per_sample = probes.main.per_sample(model).double()  # (K, B), the same vectors
+    a = Schedule.make("cosine", cfg.diffusion.T).alphas_cumprod[probes.main.t]
+    m = a if prediction == "v" else a / (1 - a)
+    expected = (per_sample * m).mean().item()
+    assert got["curvature/hutch_trace_mean_unweighted"] == pytest.approx(expected, rel=1e-5)
+    assert got["curvature/hutch_trace_mean"] == pytest.approx(per_sample.mean().item(), rel=1e-5)

@@ -729,3 +729,17 @@ def test_spike_count_interval_covers_the_expected_difference():
         lo, hi = one_seed(spike_count([runs], **E6["spike_count"], reps=400)).interval
         hits += lo <= expected <= hi
     assert hits / reps >= 0.9
+
+
+def test_with_a_card_every_treatment_arm_pairs_with_the_baseline(tmp_path):
+    """The ratio plot's pairs follow the card's arms, not uniform against weighted."""
+    from fastdiff.report.runs import pairs_of
+
+    base = make_run(tmp_path / "a", "e9a", "uniform", "cosine")
+    g5 = make_run(tmp_path / "b", "e9b", "minsnr", "cosine")
+    x0 = make_run(tmp_path / "c", "e9a", "uniform", "cosine")
+    for run, name in ((base, "vanilla"), (g5, "g5"), (x0, "x0_plain")):
+        run.arm_name = name
+    pairs = pairs_of([base, g5, x0], baseline="vanilla")
+    assert [(b.name, t.name) for b, t in pairs] == [("vanilla", "g5"), ("vanilla", "x0_plain")]
+    assert x0.label.startswith("x0_plain (")

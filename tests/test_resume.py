@@ -51,6 +51,8 @@ def finished(tmp_path_factory):
         ("diffusion=cosine", r"diffusion.beta_schedule=linear \(this run: cosine\)"),
         ("train.batch_size=8", r"train.batch_size=4 \(this run: 8\)"),
         ("train.seed=5", r"train.seed=1077 \(this run: 5\)"),
+        ("loss.prediction=v", r"loss.prediction=eps \(this run: v\)"),
+        ("sampling.spacing=trailing", r"sampling.spacing=linspace \(this run: trailing\)"),
     ],
 )
 def test_resuming_as_another_arm_is_refused_naming_the_key(finished, override, named):

@@ -10,8 +10,6 @@ import yaml
 from fastdiff.cards import load_card
 from tests.conftest import tiny
 
-pytestmark = pytest.mark.slow
-
 
 def study(tmp_path, card, *extra):
     overrides = [o for o in tiny(tmp_path) if not o.startswith("train.runs_root")]
@@ -36,6 +34,7 @@ def study(tmp_path, card, *extra):
     return root, json.loads((root / "report" / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_copied_card_with_a_third_arm_and_a_new_threshold(tmp_path):
     """The issue's acceptance: e9's card copied, an arm added (e9b plus γ = 1 under its old
     name), one threshold changed; two seeds. Every criterion is judged for both treatment
@@ -68,6 +67,7 @@ def test_a_copied_card_with_a_third_arm_and_a_new_threshold(tmp_path):
     assert "γ=1" in report and "γ=5" in report
 
 
+@pytest.mark.slow
 def test_the_zero_terminal_snr_example_card_runs_as_a_tiny_study(tmp_path):
     """configs/cards/ms1_e10_snr.yaml: v-prediction vanilla against v-prediction Min-SNR
     under cosine with SNR(T) = 0, trained, sampled and reported."""
@@ -81,3 +81,24 @@ def test_the_zero_terminal_snr_example_card_runs_as_a_tiny_study(tmp_path):
     assert verdicts["card"] == "e10-snr"
     completed = [c for c in verdicts["criteria"] if "completed" in c["name"]]
     assert completed and all(c["status"] == "pass" for c in completed)
+
+
+@pytest.mark.parametrize(
+    "arm, says",
+    [
+        (["experiment=e9b", "loss.weighting=soft_minsrn"], "unknown loss.weighting 'soft_minsrn'"),
+        (["experiment=e9a", "loss.prediction=eps", "diffusion.zero_terminal_snr=true"], "use loss"),
+    ],
+)
+def test_a_bad_arm_is_one_line_naming_the_arm(tmp_path, capsys, arm, says):
+    from fastdiff.study import main
+
+    node = yaml.safe_load(load_card("e9").path.read_text())
+    node["arms"]["mine"] = arm
+    card = tmp_path / "bad.yaml"
+    card.write_text(yaml.safe_dump(node, allow_unicode=True))
+    argv = [str(card), "data=digits", "--out", str(tmp_path / "s"), "--launch", sys.executable]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "arm 'mine' of e9" in err and says in err
+    assert not (tmp_path / "s").exists()  # refused before anything was made

@@ -23,7 +23,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdiff.diffusion import t_bin_edges, t_bin_names
+from fastdiff.diffusion import eps_mse_per_target_mse, snr, t_bin_edges, t_bin_names
 from fastdiff.kernels import reference_only
 from fastdiff.objective import Objective
 from fastdiff.seeding import stream_generator
@@ -170,6 +170,10 @@ class CurvatureProbe:
         self.x_t = objective.noised(x0, t, noise)
         self.t, self.target = t, objective.target(x0, noise, t)
         self.weight = objective.weight(t).float()
+        # m(t), with the ε-MSE = m · the target's MSE: the "unweighted" trace is the
+        # ε-MSE's whatever the prediction, as train/mse_unweighted is
+        snr_t = snr(objective.alphas_cumprod.to(t.device)[t].double())
+        self.eps_factor = eps_mse_per_target_mse(objective.prediction, snr_t).float()
         self.probes, self.seed, self.method = probes, seed, method
         self._chunk_size = chunk_size
 
@@ -236,8 +240,8 @@ class CurvatureProbe:
             return torch.stack(columns, 1)
 
     def trace(self, model: torch.nn.Module, unweighted: bool = False) -> TraceEstimate:
-        """The trace of the (weighted, or with ``unweighted`` plain) batch loss."""
-        weight = torch.ones_like(self.weight) if unweighted else self.weight
+        """The trace of the (weighted, or with ``unweighted`` the plain ε-MSE's) batch loss."""
+        weight = self.eps_factor if unweighted else self.weight
         with self._exact(model):
             if self._taylor(model):
                 fn = partial(
@@ -296,9 +300,9 @@ class RunProbes:
       weighted training loss (``stderr``: over probe vectors; ``stderr_samples``: over
       probe samples; ``stderr_total``: both), and its terms: ``curvature/hutch_trace_probes``
       (K per-probe values) and ``curvature/hutch_trace_samples`` (B per-sample values);
-    - ``…_unweighted``: plain ε-MSE on the same batch and vectors, when the run's
-      weighting is not uniform (Min-SNR's weights average below 1, which shrinks the
-      weighted trace even where the landscape is unchanged);
+    - ``…_unweighted``: the plain ε-MSE's, whatever the prediction, on the same batch and
+      vectors, unless the run's loss already is it (uniform ε): Min-SNR's weights average
+      below 1, which shrinks the weighted trace even where the landscape is unchanged;
     - ``curvature/hutch/t{lo}-{hi}/trace_…``: the weighted trace over the samples of
       each of ``curvature.t_bins`` equal-width timestep bins, with its terms;
     - ``curvature/hutch_seconds``: the probe's wall time.
@@ -322,7 +326,8 @@ class RunProbes:
             chunk_size=c.chunk_size,
             method=c.method,
         )
-        self.unweighted = cfg.loss.weighting != "uniform"
+        # a uniform ε run's weighted trace is already the ε-MSE's
+        self.unweighted = cfg.loss.weighting != "uniform" or cfg.loss.prediction != "eps"
         which = self.main.t * max(c.t_bins, 1) // T
         self.bins = {name: which == i for i, name in enumerate(t_bin_names(T, c.t_bins))}
 
@@ -333,7 +338,7 @@ class RunProbes:
         out = _named(summarize(per_sample, w, terms=True), "curvature/hutch_trace_{}")
         if self.unweighted:
             out |= _named(
-                summarize(per_sample, torch.ones_like(w), terms=True),
+                summarize(per_sample, self.main.eps_factor, terms=True),
                 "curvature/hutch_trace_{}_unweighted",
             )
         for name, mask in self.bins.items():

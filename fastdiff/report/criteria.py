@@ -1139,6 +1139,12 @@ def evaluate(runs: list[Run], card) -> tuple[list[Criterion], list[str]]:
             f"over the {k} comparisons (Bonferroni, each at {1 - (1 - LEVEL) / k:.1%}), so "
             f"all {k} hold together with 95% probability."
         )
+    if "loss.prediction" in card.varied:
+        notes.append(
+            "The arms predict different targets: the loss criteria compare the ε-MSE, in "
+            "which an x0-prediction's error at high SNR counts SNR-fold (ε-error = √SNR · "
+            "x0-error), so a loss ratio there measures the target as much as the weighting."
+        )
     for arm in card.treatments:
         pairs = [(base_runs[r.seed], r) for r in arms[arm] if r.seed in base_runs]
         suffix = f" — {arm}" if k > 1 else ""

@@ -105,9 +105,11 @@ def loss_by_t(runs: list[Run]):
     return rows[0]["step"], lsnr, weighted, unweighted
 
 
-def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[str]:
+def make_plots(
+    runs: list[Run], out: Path, lower: float | None = None, *, baseline: str | None = None
+) -> list[str]:
     """Every figure the report shows; ``lower``: the card's curvature reduction, drawn
-    on the ratio plot."""
+    on the ratio plot; ``baseline``: the card's baseline arm, which the ratios divide by."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,8 +141,8 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for color, arm_runs in zip(COLORS, arms.values()):
             for ax, key in ((axes[0], TRACE), (axes[1], TRACE_UNW)):
-                if key == TRACE_UNW and arm_runs[0].weighting == "uniform":
-                    key = TRACE  # a uniform run's trace is the unweighted one
+                if key == TRACE_UNW and not arm_runs[0].series(TRACE_UNW)[0].size:
+                    key = TRACE  # a uniform ε run's trace is the ε-MSE's
                 band = trace_band(arm_runs, key)
                 if band is None:
                     continue
@@ -153,7 +155,7 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
             ax.legend(fontsize=7)
         save(fig, "curvature.png")
 
-    pairs = pairs_of(runs)
+    pairs = pairs_of(runs, baseline=baseline)
     if pairs and any(len(r.series(TRACE)[0]) for pair in pairs for r in pair):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for color, (base, treat) in zip(COLORS, pairs):
@@ -165,7 +167,8 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
                 if got is None:
                     continue
                 s, r, lo, hi = got
-                ax.plot(s, r, marker="o", ms=3, color=color, label=f"seed {base.seed}")
+                label = f"{treat.name} / {base.name}, seed {base.seed}"
+                ax.plot(s, r, marker="o", ms=3, color=color, label=label)
                 ax.fill_between(s, lo, hi, color=color, alpha=0.2)
         for ax, what in zip(axes, ("weighted", "unweighted")):
             ax.axhline(1.0, color="0.4", lw=0.8, label="1: no change")
@@ -174,7 +177,7 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
                     1 - lower, color="0.6", lw=0.8, ls="--", label=f"the card's {lower:.0%} lower"
                 )
             ax.set(
-                title=f"{what} trace: Min-SNR / vanilla per probe step (95%, paired)",
+                title=f"{what} trace: treatment / baseline per probe step (95%, paired)",
                 xlabel="step",
             )
             ax.legend(fontsize=7)
@@ -211,12 +214,13 @@ def make_plots(runs: list[Run], out: Path, lower: float | None = None) -> list[s
         schedules.setdefault(schedule, lsnr)
     for schedule, lsnr in schedules.items():
         axes[1].plot(t, np.where(np.isfinite(lsnr), lsnr, np.nan), label=schedule)
-    for gamma in sorted({r.gamma for r in runs if r.gamma is not None}):
+    caps = {r.gamma for r in runs if r.weighting in ("minsnr", "soft_minsnr")}
+    for gamma in sorted(caps):  # γ is an SNR cap only for these (p2's is an exponent)
         axes[1].axhline(np.log(gamma), color="0.4", lw=0.8, label=f"log γ = log {gamma:g}")
     axes[0].set(title="loss weight w(t) on each arm's own MSE", xlabel="timestep t", ylabel="w(t)")
     axes[0].set_yscale("log")
     axes[1].set(
-        title="log-SNR(t): Min-SNR lowers the weight above the γ line",
+        title="log-SNR(t), with each Min-SNR cap γ",
         xlabel="timestep t",
         ylabel="log SNR",
     )

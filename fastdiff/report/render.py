@@ -10,6 +10,7 @@ from fastdiff.cards import detect_card, load_card
 from fastdiff.report.criteria import (
     EXTRA,
     Criterion,
+    arms_of,
     evaluate,
 )
 from fastdiff.report.plots import (
@@ -112,10 +113,13 @@ def write_report(runs: list[Run], out: Path, card=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     card = load_card(card) if isinstance(card, (str, Path)) else card or detect_card(runs)
     lower = None
+    baseline = None
     if card is not None:
         windows = [c.params for c in card.criteria if c.kind == "window_change"]
         lower = -windows[0]["threshold"] if windows else None
-    figures = make_plots(runs, out, lower)
+        arms_of(runs, card)  # the card's arm names label every figure
+        baseline = card.baseline
+    figures = make_plots(runs, out, lower, baseline=baseline)
     crits, notes = evaluate(runs, card)
     title = card.title if card is not None else "Run report"
     md = [
@@ -130,8 +134,9 @@ def write_report(runs: list[Run], out: Path, card=None) -> Path:
         "Each estimate has its 95% interval in brackets. A criterion passes or fails only "
         "when the whole interval lies on one side of its threshold. **Seed pair**: what "
         "the card seed's two runs measured, judged on their own measurement error — the "
-        "card's criterion for that seed. **Arms**: whether Min-SNR and vanilla differ "
-        "beyond seed-to-seed training noise, judged over seeds; one seed never decides it.",
+        "card's criterion for that seed. **Arms**: whether each treatment arm and the "
+        "baseline differ beyond seed-to-seed training noise, judged over seeds; one seed "
+        "never decides it.",
         "",
         "| criterion | seed pair (its runs' error) | arms (over seeds) | numbers | figure |",
         "|---|---|---|---|---|",

@@ -252,9 +252,20 @@ def group_arms(runs: list[Run]) -> dict[str, list[Run]]:
     return {k: sorted(v, key=lambda r: r.seed) for k, v in arms.items()}
 
 
-def pairs_of(runs: list[Run], schedule: str | None = None) -> list[Pair]:
-    """(vanilla, Min-SNR) runs paired by seed, optionally under one β schedule: the
-    largest uniform arm against the largest Min-SNR arm."""
+def pairs_of(
+    runs: list[Run], schedule: str | None = None, *, baseline: str | None = None
+) -> list[Pair]:
+    """(baseline, treatment) runs paired by seed: with the card's ``baseline`` arm (runs
+    named by their card), every other arm against it; else the largest uniform arm
+    against the largest weighted one, optionally under one β schedule."""
+    if baseline is not None and any(r.arm_name == baseline for r in runs):
+        base = {r.seed: r for r in runs if r.arm_name == baseline}
+        treated = [r for r in runs if r.arm_name not in (None, baseline)]
+        return [
+            (base[r.seed], r)
+            for r in sorted(treated, key=lambda r: (r.name, r.seed))
+            if r.seed in base
+        ]
     arms = [a for a in group_arms(runs).values() if schedule in (None, a[0].schedule)]
     base = max((a for a in arms if a[0].weighting == "uniform"), key=len, default=None)
     treat = max((a for a in arms if a[0].weighting != "uniform"), key=len, default=None)
