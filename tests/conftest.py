@@ -81,3 +81,9 @@ def table(schedule, weighting: str, gamma: float = 5.0, prediction: str = "eps",
 
     params = {"gamma": gamma, "k": k} if weighting != "uniform" else {}
     return weights(snr(schedule.alphas_cumprod), weighting, prediction=prediction, **params)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: spread over the xdist workers from the start, none of them
+    is left to run alone at the end (worksteal then balances the short ones)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

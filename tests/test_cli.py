@@ -79,8 +79,6 @@ def test_a_report_of_several_runs_goes_to_dot_report_not_into_a_run(tmp_path, mo
         assert cli.main(["report", *runs]) == 0
         assert (tmp_path / "report" / "REPORT.md").is_file()
         assert not list((tmp_path / "runs").glob("*/report"))
-    assert cli.main(["report", *runs, "--out", "there"]) == 0
-    assert (tmp_path / "there" / "report.json").is_file()
     assert "wrote report/REPORT.md" in capsys.readouterr().out
 
 

@@ -231,6 +231,7 @@ def test_training_from_shards(cifar, tmp_path):
     assert any("curvature/hutch_trace_mean" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_shards(cifar, tmp_path):
     """A real 2-process CPU launch (torchrun) streams from shards to the end, no hang."""
     import json

@@ -90,6 +90,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypa
     assert final_state(run_dir, 3)["step"] == 3  # still loadable
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_and_resumes_to_the_same_weights(tmp_path):
     base = tiny(tmp_path, "train.total_steps=60", "train.ckpt_every=1000", "train.log_every=5")
     cmd = [sys.executable, "-m", "fastdiff.train", *base]
@@ -158,6 +159,7 @@ def test_checkpoint_from_another_model_is_one_clear_error(tmp_path):
         run(tmp_path / "b", "model.base_channels=24", f"train.resume={only_run(tmp_path / 'a')}")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     common = [o for o in tiny(tmp_path) if not o.startswith(("train.batch_size", "train.runs"))]
     # fp32: bf16 convolutions round differently at batch 2 and batch 4

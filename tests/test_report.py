@@ -350,6 +350,7 @@ def test_report_files_and_plots(tmp_path):
         assert {"name", "estimate", "interval", "n_seeds", "values", "threshold"} <= set(crit)
 
 
+@pytest.mark.slow
 def test_smoke_study_with_seeds_end_to_end_and_rerun(tmp_path):
     """The card's one seed, then --seeds 2 into the same default folder: the second
     command trains only seed 2077 and reports both seeds."""

@@ -160,7 +160,7 @@ def test_probe_uses_taylor_for_the_unet_and_agrees_with_jvp(prediction):
     ac = torch.linspace(0.999, 0.01, 1000)
     args = (x0, torch.tensor([10, 700]), noise)
     objective = Objective(ac, torch.rand(1000) + 0.5, prediction=prediction)
-    kw = {"objective": objective, "probes": 6, "seed": 0}
+    kw = {"objective": objective, "probes": 6 if prediction == "eps" else 2, "seed": 0}
     taylor = CurvatureProbe(*args, **kw, method="auto")
     jvp_ = CurvatureProbe(*args, **kw, method="jvp")
     assert taylor._taylor(model) and not jvp_._taylor(model)

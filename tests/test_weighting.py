@@ -171,7 +171,7 @@ def test_twenty_steps_of_every_family_under_cosine_stay_finite(tmp_path, predict
     from fastdiff.objective import Objective
     from fastdiff.unet import build_model
 
-    images = load_images("digits", None, 8)[:8].float() / 127.5 - 1
+    images = load_images("digits", None, 8)[:4].float() / 127.5 - 1
     composed = compose(
         tiny(
             tmp_path,
@@ -198,7 +198,7 @@ def test_twenty_steps_of_every_family_under_cosine_stay_finite(tmp_path, predict
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
         for _ in range(20):
-            t = torch.randint(0, 1000, (8,), generator=g)
+            t = torch.randint(0, 1000, (4,), generator=g)
             t[0] = 999  # the last step, SNR = 0 with zero terminal SNR
             loss = objective(model, images, t, torch.randn(images.shape, generator=g))
             assert torch.isfinite(loss).all(), (family, prediction, ztsnr)
