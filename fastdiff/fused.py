@@ -1,6 +1,6 @@
 """A study's arms and seeds trained together: K runs, one batched forward and backward.
 
-    python -m fastdiff.fused e9 [KEY=VALUE ...] [--seeds 2] [--out DIR]
+    python -m fastdiff.fused_cli e9 [KEY=VALUE ...] [--seeds 2] [--out DIR]
     python -m fastdiff.study e9 --seeds 2 --fused [KEY=VALUE ...]
 
 Each of the K arm-seeds is an ordinary :class:`~fastdiff.trainer.Trainer` with its own
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from torch.func import functional_call, vmap
 
 from fastdiff.checkpoint import ARCHITECTURE, changed_settings
 from fastdiff.config import Config, ConfigError, compose, to_config
-from fastdiff.errors import BAD_INPUT, Parser, fail
 from fastdiff.stopping import Stopped
 from fastdiff.tuning import Dropout, amp_precision, training_mask
 from fastdiff.unet import build_model
@@ -341,41 +339,3 @@ def study_configs(card, overrides: list[str], seeds: list[int], root: Path) -> l
         for seed in seeds
         for arm in card.arms
     ]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fastdiff.cards import load_card
-    from fastdiff.study import parse_seeds, study_dir
-    from fastdiff.train import apply_host_tuning
-
-    parser = Parser(
-        prog="python -m fastdiff.fused", description="Train a card's arms and seeds as one job."
-    )
-    parser.add_argument("card", help="a card's name or file")
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--seeds", type=parse_seeds, help="default: the card's seeds")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        card = load_card(args.card)
-        root = args.out or study_dir(card.name, args.overrides)
-        cfgs = study_configs(card, args.overrides, args.seeds or card.seeds, root)
-        apply_host_tuning(cfgs[0])
-        fused = FusedRuns(cfgs)
-    except BAD_INPUT as err:
-        return fail(str(err))
-    except Stopped as done:
-        print(f"fastdiff.fused: {done}", file=sys.stderr)
-        return done.exit_code
-    results = fused.train()
-    stopped = [r for r in results if isinstance(r, Stopped)]
-    for r in stopped:
-        print(f"fastdiff.fused: {r}", file=sys.stderr)
-    return max((r.exit_code for r in stopped), default=0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if args.fused:
         listed = ",".join(map(str, seeds)) + ","
-        cmd = [*launch, "-m", "fastdiff.fused", str(root / CARD_COPY), *args.overrides]
+        cmd = [*launch, "-m", "fastdiff.fused_cli", str(root / CARD_COPY), *args.overrides]
         cmd += ["--seeds", listed, "--out", str(root)]
         print("$", shlex.join(cmd), flush=True)
         log = root / "logs" / "fused.log"

@@ -227,7 +227,7 @@ def test_two_processes_fused_match_one(tmp_path):
     def fused(out, batch, processes):
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
         launcher += ["--master_port", "29533"] if processes > 1 else []
-        cmd = [sys.executable, *(launcher if processes > 1 else []), "-m", "fastdiff.fused"]
+        cmd = [sys.executable, *(launcher if processes > 1 else []), "-m", "fastdiff.fused_cli"]
         cmd += ["e9", *common, f"train.batch_size={batch}", "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -269,7 +269,7 @@ def test_activation_bytes_are_fixed_plus_per_sample(tmp_path):
 
 
 def test_a_fused_job_that_does_not_fit_is_one_line_naming_what_fits(tmp_path, monkeypatch, capsys):
-    from fastdiff import fused
+    from fastdiff import fused, fused_cli
     from fastdiff.unet import build_model
 
     cfgs = [arm(tmp_path / "fused", f"r{k}", "e9a", 1077 + k, "train.amp=true") for k in range(3)]
@@ -294,7 +294,7 @@ def test_a_fused_job_that_does_not_fit_is_one_line_naming_what_fits(tmp_path, mo
     # through the command: one line, before any run is set up
     out = tmp_path / "study"
     argv = ["e9", *tiny(tmp_path), "--seeds", "1,2", "--out", str(out)]
-    assert fused.main(argv) == 2
+    assert fused_cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "K=4 runs at batch 4" in err[0]
     assert not out.exists()
