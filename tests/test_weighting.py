@@ -13,7 +13,7 @@ from fastdiff.errors import ConfigError
 from fastdiff.weighting import FAMILIES, canonical_loss, weights
 from tests.conftest import tiny
 
-GAMMA, K = 5.0, 1.0
+GAMMA, K = 5.0, 2.0  # k = 2: p2's ε limit k^-γ is not 1
 SNRS = [0.0, 1e-9, 1.0, GAMMA, 1e8]  # zero, tiny, 1, γ, huge
 
 
