@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 
 from fastdiff import weighting
-from fastdiff.diffusion import Schedule, q_sample, snr, target, weighted_mse
+from fastdiff.diffusion import (
+    Schedule,
+    eps_mse_per_target_mse,
+    q_sample,
+    snr,
+    target,
+    weighted_mse,
+)
 from fastdiff.kernels import weighted_mse as fused_weighted_mse
 
 
@@ -40,10 +47,13 @@ class Objective:
     ):
         self.alphas_cumprod, self.weights = alphas_cumprod.float(), weights.float()
         self.prediction, self.fused = prediction, fused
+        snr_t = snr(alphas_cumprod.double())
+        # m(t): the ε-MSE per unit of the target's MSE (the curvature probe's unweighted trace)
+        self.eps_per_target = eps_mse_per_target_mse(prediction, snr_t).to(self.weights)
         # plain ε-MSE = eps_scale[t] · weighted loss: the logged unweighted ε-MSE
-        self.eps_scale = weighting.eps_mse_scale(
-            weights.double(), snr(alphas_cumprod.double()), prediction
-        ).to(self.weights)
+        self.eps_scale = weighting.eps_mse_scale(weights.double(), snr_t, prediction).to(
+            self.weights
+        )
 
     @classmethod
     def of(cls, cfg, device) -> Objective:

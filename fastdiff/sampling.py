@@ -81,6 +81,15 @@ def _round_half_even(num: int, den: int) -> int:
     return q + (2 * r > den or (2 * r == den and q % 2 == 1))
 
 
+def _chain(model, shape, schedule: Schedule, nfe: int, *, generator, prediction, spacing):
+    """What every sampler starts from: the respaced timesteps and ᾱ' (checked against the
+    prediction), the model's device, and x_T drawn from ``generator``."""
+    timesteps, ac = respace(schedule, nfe, spacing=spacing)
+    _check(prediction, ac)
+    device = _device_of(model)
+    return timesteps, ac, device, _noise(shape, generator, device)
+
+
 def _check(prediction: str, ac: torch.Tensor) -> None:
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
@@ -138,16 +147,13 @@ def ddpm_sample(
     """
     if variance not in ("posterior", "beta"):
         raise ValueError(f"unknown DDPM variance {variance!r}: use 'posterior' or 'beta'")
-    timesteps, ac = respace(schedule, nfe, spacing=spacing)
-    _check(prediction, ac)
-    device = _device_of(model)
+    options = {"generator": generator, "prediction": prediction, "spacing": spacing}
+    timesteps, ac, device, x = _chain(model, shape, schedule, nfe, **options)
     ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
     betas = 1 - ac / ac_prev
     coef_x0 = ac_prev.sqrt() * betas / (1 - ac)
     coef_xt = (1 - betas).sqrt() * (1 - ac_prev) / (1 - ac)
     var = betas * (1 - ac_prev) / (1 - ac) if variance == "posterior" else betas
-
-    x = _noise(shape, generator, device)
     for i in reversed(range(nfe)):
         t = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
         x0 = _x0_hat(model, x, t, ac[i].item(), prediction=prediction)
@@ -173,10 +179,8 @@ def ddim_sample(
     x_{i−1} = √ᾱ'_{i−1} x̂0 + √(1−ᾱ'_{i−1}) ε̂, with ε̂ re-derived from the clipped x̂0
     (diffusers' ``use_clipped_model_output=True``) whatever the network predicts; the last
     step returns x̂0 (ᾱ'_0 = 1)."""
-    timesteps, ac = respace(schedule, nfe, spacing=spacing)
-    _check(prediction, ac)
-    device = _device_of(model)
-    x = _noise(shape, generator, device)
+    options = {"generator": generator, "prediction": prediction, "spacing": spacing}
+    timesteps, ac, device, x = _chain(model, shape, schedule, nfe, **options)
     for i in reversed(range(nfe)):
         t = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
         a = ac[i].item()

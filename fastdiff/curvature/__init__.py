@@ -23,7 +23,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastdiff.diffusion import eps_mse_per_target_mse, snr, t_bin_edges, t_bin_names
+from fastdiff.diffusion import t_bin_edges, t_bin_names
 from fastdiff.kernels import reference_only
 from fastdiff.objective import Objective
 from fastdiff.seeding import stream_generator
@@ -170,10 +170,9 @@ class CurvatureProbe:
         self.x_t = objective.noised(x0, t, noise)
         self.t, self.target = t, objective.target(x0, noise, t)
         self.weight = objective.weight(t).float()
-        # m(t), with the ε-MSE = m · the target's MSE: the "unweighted" trace is the
-        # ε-MSE's whatever the prediction, as train/mse_unweighted is
-        snr_t = snr(objective.alphas_cumprod.to(t.device)[t].double())
-        self.eps_factor = eps_mse_per_target_mse(objective.prediction, snr_t).float()
+        # the "unweighted" trace is the ε-MSE's whatever the prediction, as
+        # train/mse_unweighted is
+        self.eps_factor = objective.eps_per_target[t]
         self.probes, self.seed, self.method = probes, seed, method
         self._chunk_size = chunk_size
 
